@@ -1,0 +1,5 @@
+import sys
+
+from patchdiff.cli import main
+
+sys.exit(main())

@@ -1,0 +1,37 @@
+"""The EDM training loss on crops (Karras et al. 2022, Eq. 2 and Table 1).
+
+    ln(sigma) ~ N(P_mean, P_std^2),  lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2,
+    L = E[ lambda(sigma) * || D(y + n; sigma) - y ||^2 ],  n ~ N(0, sigma^2 I).
+
+Reduction: the mean over crops, channels and pixels. EDM sums over pixels, which makes a 16x16 crop's
+gradient 16x smaller than a 64x64 image's; with crop sizes changing from step to step that would
+rescale Adam's moment estimates step by step. The per-pixel mean keeps every step's gradient on one
+scale, so one learning rate serves every crop size, and each pixel counts the same wherever it is.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from patchdiff.config import LossConfig
+
+
+def sample_sigma(n: int, P_mean: float, P_std: float, device=None, generator=None) -> torch.Tensor:
+    """Training noise levels, ln(sigma) ~ N(P_mean, P_std^2)."""
+    return (torch.randn(n, device=device, generator=generator) * P_std + P_mean).exp()
+
+
+def loss_weight(sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
+    """lambda(sigma), which makes the effective loss weight uniform in ln(sigma) (EDM Sec. 5)."""
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
+def edm_loss(
+    denoiser, y: torch.Tensor, coords=None, class_labels=None, cfg: LossConfig | None = None, generator=None
+) -> torch.Tensor:
+    """The scalar loss for clean crops y [N, C, h, w] (in [-1, 1] or latent units) with their coords."""
+    cfg = cfg or LossConfig()
+    sigma = sample_sigma(y.shape[0], cfg.P_mean, cfg.P_std, y.device, generator).reshape(-1, 1, 1, 1)
+    n = torch.randn(y.shape, device=y.device, generator=generator) * sigma
+    D = denoiser(y + n, sigma.reshape(-1), coords, class_labels)
+    return (loss_weight(sigma, cfg.sigma_data) * (D - y) ** 2).mean()

@@ -1,0 +1,160 @@
+"""Patch Diffusion's crops: coordinate grids, random crops, crop-size schedules (Wang et al. 2023, Sec. 3).
+
+One convention everywhere (training, sampling, tests): a pixel at (row, col) of an H x W image has
+x = 2*col/(W-1) - 1 and y = 2*row/(H-1) - 1, so the full image spans [-1, 1] and a pixel keeps its
+coordinates in every crop. Channel 0 is x, channel 1 is y.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from patchdiff.config import PatchConfig, ScheduleKind
+
+
+def _axis(n: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Positions 0..n-1 mapped to [-1, 1]; a single pixel sits at 0."""
+    if n == 1:
+        return torch.zeros(1, device=device, dtype=dtype)
+    return torch.arange(n, device=device, dtype=dtype) * (2.0 / (n - 1)) - 1.0
+
+
+def coordinate_grid(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """The full image's coordinate channels, [2, H, W]: channel 0 = x (column), channel 1 = y (row)."""
+    x = _axis(width, device, dtype).expand(height, width)
+    y = _axis(height, device, dtype)[:, None].expand(height, width)
+    return torch.stack([x, y])
+
+
+def crop_at(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: tuple[int, int]):
+    """Crop images [N, C, H, W] at per-image offsets (top, left: int64 [N]) to `size` = (h, w).
+
+    Returns (patches [N, C, h, w], coords [N, 2, h, w]); one gather, no loop over the batch.
+    """
+    N, _C, H, W = images.shape
+    h, w = size
+    rows = top[:, None] + torch.arange(h, device=images.device)  # [N, h]
+    cols = left[:, None] + torch.arange(w, device=images.device)  # [N, w]
+    # Advanced indices around a slice put the batch dims first: [N, h, w, C] -> [N, C, h, w].
+    n = torch.arange(N, device=images.device)[:, None, None]
+    patches = images[n, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    scale_x = 2.0 / (W - 1) if W > 1 else 0.0
+    scale_y = 2.0 / (H - 1) if H > 1 else 0.0
+    x = (cols.to(torch.float32) * scale_x - (1.0 if W > 1 else 0.0))[:, None, :].expand(N, h, w)
+    y = (rows.to(torch.float32) * scale_y - (1.0 if H > 1 else 0.0))[:, :, None].expand(N, h, w)
+    return patches.contiguous(), torch.stack([x, y], dim=1)
+
+
+def random_patches(images: torch.Tensor, patch_size: int | tuple[int, int], generator=None):
+    """One uniformly random crop per image: every offset 0..H-P (and 0..W-P) is equally likely.
+
+    images [N, C, H, W] -> (patches [N, C, P, P], coords [N, 2, P, P]). A patch size equal to the
+    image size returns the images with the full grid. `generator` must live on images' device.
+    """
+    N, _, H, W = images.shape
+    h, w = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
+    if not (0 < h <= H and 0 < w <= W):
+        raise ValueError(f"patch size {h}x{w} does not fit in images of size {H}x{W}")
+    top = torch.randint(0, H - h + 1, (N,), device=images.device, generator=generator)
+    left = torch.randint(0, W - w + 1, (N,), device=images.device, generator=generator)
+    return crop_at(images, top, left, (h, w))
+
+
+# --------------------------------------------------------------------------- crop-size schedules
+
+
+def shared_uniform(seed: int, step: int) -> float:
+    """A uniform number that depends only on (seed, step): every rank draws the same crop size for a
+    step without communicating, so no rank waits for a full-size rank (a trap in the published code)."""
+    return float(np.random.default_rng([seed, step]).random())
+
+
+@dataclass(frozen=True)
+class PatchSchedule:
+    """A resolved crop-size schedule for images of size H x W.
+
+    sizes[i] is a square crop size (the last may be the whole image), probs[i] its probability (or
+    share of training progress for the progressive schedule), batch_mult[i] the number of images per
+    base image in a step of that size.
+    """
+
+    kind: ScheduleKind
+    image_size: tuple[int, int]
+    sizes: tuple[int, ...]
+    probs: tuple[float, ...]
+    batch_mult: tuple[float, ...]
+    coords: bool = True
+
+    def crop_shape(self, index: int) -> tuple[int, int]:
+        """The full-size entry covers the whole (possibly rectangular) image."""
+        H, W = self.image_size
+        size = self.sizes[index]
+        return (H, W) if size >= min(H, W) else (size, size)
+
+    def size_index(self, seed: int, step: int, progress: float) -> int:
+        """The crop size of a step; `progress` in [0, 1] is the share of training done."""
+        if self.kind == "full":
+            return len(self.sizes) - 1
+        u = shared_uniform(seed, step) if self.kind == "stochastic" else min(max(progress, 0.0), 1.0)
+        cumulative = 0.0
+        for i, p in enumerate(self.probs):
+            cumulative += p
+            if u < cumulative:
+                return i
+        return len(self.sizes) - 1
+
+    def images_per_round(self, batch_gpu: int, index: int) -> int:
+        """Images each process loads per accumulation round at crop size `index`."""
+        return max(1, round(batch_gpu * self.batch_mult[index]))
+
+    def expected_images_per_round(self, batch_gpu: int, progress: float = 0.0) -> float:
+        """Images per round as the paper counts training length: the expectation over crop sizes
+        (stochastic), or the current size (progressive, full)."""
+        if self.kind == "stochastic":
+            return sum(p * self.images_per_round(batch_gpu, i) for i, p in enumerate(self.probs))
+        return float(self.images_per_round(batch_gpu, self.size_index(0, 0, progress)))
+
+
+def default_sizes(resolution: int, real_p: float, latent: bool) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """The paper's sizes: (R/4, R/2, R) with (1-p)*2/5, (1-p)*3/5, p; latent space (R/2, R) with 1-p, p."""
+    R = resolution
+    if latent:
+        return (R // 2, R), (1.0 - real_p, real_p)
+    return (R // 4, R // 2, R), ((1.0 - real_p) * 2 / 5, (1.0 - real_p) * 3 / 5, real_p)
+
+
+def resolve_schedule(cfg: PatchConfig, image_size: tuple[int, int], min_crop: int = 1) -> PatchSchedule:
+    """Check a PatchConfig against the image size and the network's down-sampling; fill in defaults."""
+    H, W = image_size
+    R = min(H, W)
+    if not 0.0 <= cfg.real_p <= 1.0:
+        raise ValueError(f"--real-p {cfg.real_p} must lie in [0, 1]")
+    if cfg.schedule == "full":
+        sizes, probs = (R,), (1.0,)
+    elif cfg.sizes:
+        sizes = tuple(cfg.sizes)
+        probs = tuple(cfg.probs) if cfg.probs else tuple(1.0 / len(sizes) for _ in sizes)
+    else:
+        sizes, probs = default_sizes(R, cfg.real_p, cfg.latent)
+    if len(probs) != len(sizes):
+        raise ValueError(f"{len(sizes)} patch sizes {sizes} but {len(probs)} probabilities {probs}")
+    if any(p < 0 for p in probs) or not math.isclose(sum(probs), 1.0, abs_tol=1e-6):
+        raise ValueError(f"patch probabilities {probs} must be non-negative and sum to 1")
+    if list(sizes) != sorted(sizes):
+        raise ValueError(f"patch sizes {sizes} must be in increasing order")
+    for s in sizes:
+        if not 0 < s <= R:
+            raise ValueError(f"patch size {s} must lie in 1..{R} for {H}x{W} images")
+        if s < R and s % min_crop:
+            raise ValueError(
+                f"patch size {s} is not a multiple of {min_crop}, which the network's down-sampling "
+                f"needs; pick sizes that are, or fewer --cres levels"
+            )
+    batch_mult = tuple(cfg.batch_mult) if cfg.batch_mult else tuple(R / s for s in sizes)
+    if len(batch_mult) != len(sizes) or any(m <= 0 for m in batch_mult):
+        raise ValueError(f"batch multipliers {batch_mult} must be positive, one per patch size {sizes}")
+    return PatchSchedule(cfg.schedule, (H, W), sizes, probs, batch_mult, cfg.coords)

@@ -1,0 +1,54 @@
+"""EDM preconditioning (Karras et al. 2022, Table 1, "Ours" column) around any backbone.
+
+D(x; sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma)), with the coordinate
+channels of Patch Diffusion concatenated to the network input c_in x.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from patchdiff.patching import coordinate_grid
+
+
+def edm_scalings(sigma: torch.Tensor, sigma_data: float = 0.5):
+    """(c_skip, c_out, c_in, c_noise) for noise levels sigma (any shape), EDM Table 1."""
+    s2 = sigma**2 + sigma_data**2
+    c_skip = sigma_data**2 / s2
+    c_out = sigma * sigma_data / s2.sqrt()
+    c_in = 1.0 / s2.sqrt()
+    c_noise = sigma.log() / 4
+    return c_skip, c_out, c_in, c_noise
+
+
+class Denoiser(nn.Module):
+    """The preconditioned denoiser D(x; sigma) over crops with coordinates.
+
+    x [N, C, h, w] noisy crop, sigma scalar or [N], coords [N, 2, h, w] (default: the full-image grid
+    of an h x w image, as at sampling time), class_labels [N, label_dim] one-hot (zeros = none).
+    """
+
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5, use_coords: bool = True, label_dim: int = 0):
+        super().__init__()
+        self.net = net
+        self.sigma_data = sigma_data
+        self.use_coords = use_coords
+        self.label_dim = label_dim
+
+    def forward(self, x: torch.Tensor, sigma, coords=None, class_labels=None) -> torch.Tensor:
+        x = x.to(torch.float32)
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
+        sigma = sigma.expand(x.shape[0]) if sigma.numel() == 1 else sigma
+        c_skip, c_out, c_in, c_noise = edm_scalings(sigma.reshape(-1, 1, 1, 1), self.sigma_data)
+        net_in = c_in * x
+        if self.use_coords:
+            if coords is None:
+                coords = coordinate_grid(x.shape[2], x.shape[3], device=x.device).expand(
+                    x.shape[0], -1, -1, -1
+                )
+            net_in = torch.cat([net_in, coords.to(net_in.dtype)], dim=1)
+        if self.label_dim and class_labels is None:
+            class_labels = torch.zeros(x.shape[0], self.label_dim, device=x.device)
+        F_x = self.net(net_in, c_noise.reshape(-1), class_labels if self.label_dim else None)
+        return c_skip * x + c_out * F_x.to(torch.float32)
