@@ -86,6 +86,7 @@ class LossConfig:
 class TrainConfig:
     data: str = ""
     outdir: str = "runs"
+    image_size: tuple[int, ...] = ()  # (H, W) of the training images; filled in from the data set
     network: NetworkConfig = field(default_factory=NetworkConfig)
     patch: PatchConfig = field(default_factory=PatchConfig)
     loss: LossConfig = field(default_factory=LossConfig)
