@@ -1,0 +1,56 @@
+"""`patchdiff dataset`: convert images (folder, zip, MNIST IDX, CIFAR-10 tarball) into a training set."""
+
+from __future__ import annotations
+
+import argparse
+
+from patchdiff.data.convert import TRANSFORMS, convert_dataset, parse_resolution
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "dataset",
+        help="convert images into a training set (zip or folder of same-sized PNGs)",
+        description=(
+            "Convert an image folder, a zip of images, an MNIST-style *-images-idx3-ubyte[.gz] file (or a "
+            "folder holding train-images-idx3-ubyte.gz) or cifar-10-python.tar.gz into a zip or folder of "
+            "same-sized PNGs, with dataset.json when there are labels. DEST appears only when complete."
+        ),
+    )
+    p.add_argument(
+        "--source", required=True, metavar="SRC", help="folder, .zip, IDX images file or CIFAR-10 tarball"
+    )
+    p.add_argument("--dest", required=True, metavar="DEST", help="output: a path ending in .zip, or a folder")
+    p.add_argument(
+        "--resolution", metavar="HxW", help="output size, e.g. 64 or 64x64 (default: keep the size)"
+    )
+    p.add_argument(
+        "--transform",
+        choices=TRANSFORMS,
+        help="for a different aspect ratio: center-crop (largest centred region), center-crop-wide "
+        "(keep the full width; crop rows or add black bars), pad (black borders)",
+    )
+    p.add_argument("--max-images", type=int, metavar="N", help="stop after N images")
+    p.add_argument(
+        "--class-folders", action="store_true", help="first-level sub-folder names are class labels"
+    )
+    p.add_argument("--channels", type=int, choices=(1, 3), help="force grayscale (1) or RGB (3)")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    summary = convert_dataset(
+        args.source,
+        args.dest,
+        resolution=None if args.resolution is None else parse_resolution(args.resolution),
+        transform=args.transform,
+        max_images=args.max_images,
+        class_folders=args.class_folders,
+        skip_bad=args.skip_bad,
+        channels=args.channels,
+        progress=not args.no_progress,
+    )
+    print(summary.line())
+    return 0

@@ -1,0 +1,200 @@
+"""DDPM++ and NCSN++: the U-Net of Song et al. (arXiv 2011.13456) as configured by EDM
+(Karras et al., arXiv 2206.00364, Appendix F.2, Table 7).
+
+Both variants share the layout below; they differ in three places:
+
+                     DDPM++                    NCSN++
+    noise embedding  positional (sinusoidal)   random Fourier features, 2x wider
+    encoder          standard                  residual: progressive input path
+    resample filter  [1, 1] (box)              [1, 3, 3, 1]
+
+Layout, for L = len(channel_mult) levels, level 0 at full resolution:
+
+    emb = SiLU(W1 SiLU(W0 (noise_embedding(c_noise) + W_label y)))     [N, 4 * model_channels]
+    encoder: conv3x3; per level: (down ResBlock if level > 0) + num_blocks ResBlocks
+    bottom:  ResBlock + attention, ResBlock
+    decoder: per level from the bottom: (up ResBlock if not the bottom) + num_blocks + 1 ResBlocks, each
+             on [x, encoder skip] concatenated, attention after the last one at attention levels
+    out:     conv3x3(SiLU(GN(x)))                                      [N, img_channels, H, W]
+
+ResBlocks add the embedding as a per-channel shift before the second GroupNorm, resample inside the
+block (BigGAN style) with a 1x1 conv on the skip path, and scale every residual sum by 1/sqrt(2).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from patchdiff.config import NetworkConfig
+from patchdiff.networks.layers import (
+    ZERO_INIT,
+    FourierEmbedding,
+    PositionalEmbedding,
+    Resample,
+    ResampleMode,
+    ResBlock,
+    attention_levels,
+    check_config,
+    check_input,
+    conv,
+    group_norm,
+    label_input,
+    linear,
+)
+
+Embedding = Literal["positional", "fourier"]
+Encoder = Literal["standard", "residual"]
+
+INIT = "xavier_uniform"
+SKIP_SCALE = math.sqrt(0.5)
+EPS = 1e-6
+
+
+class SongUNet(nn.Module):
+    """The DDPM++ / NCSN++ U-Net; build it with `ddpmpp(cfg)` or `ncsnpp(cfg)`."""
+
+    def __init__(
+        self,
+        cfg: NetworkConfig,
+        *,
+        embedding: Embedding,  # how c_noise is embedded
+        encoder: Encoder,  # 'residual' adds NCSN++'s progressive input path
+        resample_filter: tuple[int, ...],  # FIR filter of every up/downsampling
+        noise_channel_mult: int,  # noise embedding width, in units of model_channels
+    ):
+        super().__init__()
+        check_config(cfg)
+        self.cfg = cfg
+        self.resample_filter = resample_filter
+        self.dropout = cfg.dropout
+        mc, L = cfg.model_channels, len(cfg.channel_mult)
+        noise_channels = mc * noise_channel_mult
+        self.emb_channels = emb_channels = 4 * mc
+        attn = attention_levels(cfg)
+
+        if encoder not in ("standard", "residual"):
+            raise ValueError(f"unknown encoder {encoder!r}; choose standard or residual")
+
+        # Noise (and label) embedding.
+        if embedding == "positional":
+            self.map_noise: nn.Module = PositionalEmbedding(noise_channels)
+        elif embedding == "fourier":
+            self.map_noise = FourierEmbedding(noise_channels)
+        else:
+            raise ValueError(f"unknown noise embedding {embedding!r}; choose positional or fourier")
+        self.map_label = linear(cfg.label_dim, noise_channels, INIT, bias=False) if cfg.label_dim else None
+        self.map_layer0 = linear(noise_channels, emb_channels, INIT)
+        self.map_layer1 = linear(emb_channels, emb_channels, INIT)
+
+        # Encoder. `skips` tracks the channels of every tensor handed to the decoder.
+        c = mc
+        self.enc_conv = conv(cfg.in_channels, c, 3, INIT)
+        skips = [c]
+        self.enc = nn.ModuleList()
+        self.enc_aux = nn.ModuleList() if encoder == "residual" else None
+        c_aux = cfg.in_channels
+        for level, mult in enumerate(cfg.channel_mult):
+            blocks = nn.ModuleList()
+            if level > 0:
+                blocks.append(self._block(c, c, resample="down"))
+                skips.append(c)
+                if self.enc_aux is not None:
+                    # Progressive input: the previous level's output, downsampled and projected.
+                    self.enc_aux.append(
+                        nn.Sequential(Resample("down", resample_filter), conv(c_aux, c, 3, INIT))
+                    )
+                    c_aux = c
+            for _ in range(cfg.num_blocks):
+                blocks.append(self._block(c, mc * mult, attention=level in attn))
+                c = mc * mult
+                skips.append(c)
+            self.enc.append(blocks)
+
+        # Bottom, then the decoder from the bottom level up.
+        self.mid = nn.ModuleList([self._block(c, c, attention=True), self._block(c, c)])
+        self.up = nn.ModuleList()
+        self.dec = nn.ModuleList()
+        for level in reversed(range(L)):
+            if level < L - 1:
+                self.up.append(self._block(c, c, resample="up"))
+            blocks = nn.ModuleList()
+            for i in range(cfg.num_blocks + 1):
+                c_out = mc * cfg.channel_mult[level]
+                last = i == cfg.num_blocks
+                blocks.append(self._block(c + skips.pop(), c_out, attention=last and level in attn))
+                c = c_out
+            self.dec.append(blocks)
+        self.out_norm = group_norm(c, EPS)
+        self.out_conv = conv(c, cfg.img_channels, 3, INIT, ZERO_INIT)
+
+    def _block(
+        self, c_in: int, c_out: int, resample: ResampleMode = "none", attention: bool = False
+    ) -> ResBlock:
+        return ResBlock(
+            c_in,
+            c_out,
+            self.emb_channels,
+            resample=resample,
+            resample_filter=self.resample_filter,
+            resample_proj=True,
+            adaptive_scale=False,
+            attention=attention,
+            head_channels=0,  # one head over all channels
+            dropout=self.dropout,
+            skip_scale=SKIP_SCALE,
+            eps=EPS,
+            init=INIT,
+            attn_qkv_scale=math.sqrt(0.2),
+        )
+
+    def forward(
+        self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: [N, in_channels, H, W], noise_labels: [N], class_labels: [N, label_dim] or None
+        -> [N, img_channels, H, W]."""
+        noise_labels = check_input(self.cfg, x, noise_labels)
+        labels = label_input(self.cfg, class_labels, x.shape[0], x.device, self.training)
+
+        dtype = self.map_layer0.weight.dtype  # float32 unless the whole network was cast
+        emb = self.map_noise(noise_labels).to(dtype)  # [N, noise_channels]
+        if self.map_label is not None and labels is not None:
+            emb = emb + self.map_label(labels.to(dtype))
+        emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))  # [N, emb_channels]
+
+        aux = x
+        x = self.enc_conv(x)
+        skips = [x]
+        for level, blocks in enumerate(self.enc):
+            for i, block in enumerate(blocks):
+                x = block(x, emb)
+                if i == 0 and level > 0 and self.enc_aux is not None:
+                    x = aux = (x + self.enc_aux[level - 1](aux)) * SKIP_SCALE
+                skips.append(x)
+
+        for block in self.mid:
+            x = block(x, emb)
+        for i, blocks in enumerate(self.dec):
+            if i > 0:
+                x = self.up[i - 1](x, emb)
+            for block in blocks:
+                x = block(torch.cat([x, skips.pop()], dim=1), emb)
+        return self.out_conv(F.silu(self.out_norm(x)))
+
+
+def ddpmpp(cfg: NetworkConfig) -> SongUNet:
+    """DDPM++ (EDM's 'VP' architecture): positional embedding, standard encoder, [1, 1] filter."""
+    return SongUNet(
+        cfg, embedding="positional", encoder="standard", resample_filter=(1, 1), noise_channel_mult=1
+    )
+
+
+def ncsnpp(cfg: NetworkConfig) -> SongUNet:
+    """NCSN++ (EDM's 'VE' architecture): Fourier embedding, residual encoder, [1, 3, 3, 1] filter."""
+    return SongUNet(
+        cfg, embedding="fourier", encoder="residual", resample_filter=(1, 3, 3, 1), noise_channel_mult=2
+    )
