@@ -75,7 +75,7 @@ def run_demo(
     outdir: str | Path, kimg: float = 60.0, num_images: int = 2000, progress: bool = True, steps: int = 18
 ) -> dict:
     """Make the data, train, sample a grid and plot the loss. Returns paths and timings."""
-    from patchdiff.generate import generate, image_grid, load, to_pil
+    from patchdiff.generation import generate, image_grid, load, to_pil
     from patchdiff.report import plot_loss, read_stats
     from patchdiff.training.loop import train
 

@@ -129,8 +129,8 @@ def test_calc_errors(setup):
 
 
 def fake_generator(monkeypatch, real_folder):
-    """patchdiff.generate stand-ins: 'generation' returns the real PNGs, image i for seed i (mod 40)."""
-    import patchdiff.generate
+    """patchdiff.generation stand-ins: 'generation' returns the real PNGs, image i for seed i (mod 40)."""
+    import patchdiff.generation
 
     real = torch.stack(
         [torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1) for p in sorted(real_folder.iterdir())]
@@ -142,8 +142,8 @@ def fake_generator(monkeypatch, real_folder):
             batch = list(seeds[i : i + batch_size])
             yield batch, real[[s % len(real) for s in batch]]
 
-    monkeypatch.setattr(patchdiff.generate, "load", lambda path, device=None: "loaded model")
-    monkeypatch.setattr(patchdiff.generate, "iter_images", fake_iter_images)
+    monkeypatch.setattr(patchdiff.generation, "load", lambda path, device=None: "loaded model")
+    monkeypatch.setattr(patchdiff.generation, "iter_images", fake_iter_images)
 
 
 def test_compute_metrics_and_calc_model_with_a_stand_in_generator(setup, monkeypatch, capsys):

@@ -38,14 +38,14 @@ def test_dataset_features_keep_order_over_batches_and_num():
 
 
 def test_generated_features_follow_the_seeds(monkeypatch):
-    import patchdiff.generate
+    import patchdiff.generation
 
     def fake_iter_images(model, seeds, batch_size, **kwargs):
         for i in range(0, len(seeds), batch_size):
             batch = list(seeds[i : i + batch_size])
             yield batch, torch.stack([torch.full((3, 2, 2), s, dtype=torch.uint8) for s in batch])
 
-    monkeypatch.setattr(patchdiff.generate, "iter_images", fake_iter_images)
+    monkeypatch.setattr(patchdiff.generation, "iter_images", fake_iter_images)
     features = generated_features(None, SumDetector(), range(10, 17), batch=3)
     torch.testing.assert_close(features, torch.arange(10, 17).float()[:, None].expand(7, 3) * 4)
 

@@ -5,7 +5,7 @@ import torch
 from tests.conftest import tiny_config
 
 from patchdiff.config import TrainConfig
-from patchdiff.generate import build_denoiser, load
+from patchdiff.generation import build_denoiser, load
 from patchdiff.training.checkpoint import (
     find_resume_state,
     load_state,

@@ -10,7 +10,7 @@ from tests.conftest import tiny_config
 
 from patchdiff.config import PatchConfig
 from patchdiff.data import ImageDataset
-from patchdiff.generate import build_denoiser
+from patchdiff.generation import build_denoiser
 from patchdiff.loss import edm_loss
 from patchdiff.training import loop
 from patchdiff.training.checkpoint import load_state

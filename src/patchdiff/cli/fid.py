@@ -143,7 +143,7 @@ def run_calc(args: argparse.Namespace, device: torch.device) -> int:
         dataset = ImageDataset(args.images)
         features = dataset_features(dataset, detector, args.batch, args.num, args.progress, args.workers)
     else:
-        from patchdiff.generate import load
+        from patchdiff.generation import load
 
         model = load(args.model, device)
         seeds = range(args.seeds, args.seeds + args.num)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from patchdiff import distributed as dist
-from patchdiff.generate import image_grid, iter_images, load, parse_seeds, to_pil
+from patchdiff.generation import image_grid, iter_images, load, parse_seeds, to_pil
 from patchdiff.training.checkpoint import atomic_write
 
 

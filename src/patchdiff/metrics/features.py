@@ -82,8 +82,8 @@ def generated_features(
     progress: bool = False,
 ) -> torch.Tensor:
     """Features [len(seeds), D] (float32, CPU) of images generated from `seeds` (one per image), never
-    written to disk. `model` is what `patchdiff.generate.load` returns."""
-    from patchdiff.generate import iter_images  # the sampler front end; imported late to keep this light
+    written to disk. `model` is what `patchdiff.generation.load` returns."""
+    from patchdiff.generation import iter_images  # the sampler front end; imported late to keep this light
 
     total = len(seeds)
     if total < 1:

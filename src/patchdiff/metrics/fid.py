@@ -221,7 +221,7 @@ def compute_metrics(
     device: str | torch.device | None = None,
 ) -> dict[str, float]:
     """Generate `num` images from seeds seed, seed + 1, ... with `model` (a run dir / snapshot path or
-    what patchdiff.generate.load returns) and score them against `ref`. Same result on every rank."""
+    what patchdiff.generation.load returns) and score them against `ref`. Same result on every rank."""
     names = parse_metric_names(names)
     reference = ref if isinstance(ref, Reference) else load_reference(ref)
     check_reference(names, reference)
@@ -231,7 +231,7 @@ def compute_metrics(
     if not isinstance(detector, Detector):
         detector = load_detector(detector or None, device)
     if isinstance(model, (str, os.PathLike)):
-        from patchdiff.generate import load  # imported late: only this path needs the generator
+        from patchdiff.generation import load  # imported late: only this path needs the generator
 
         model = load(str(model), device)
     features = generated_features(

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from patchdiff import distributed as dist
 from patchdiff.config import TrainConfig, from_json, to_json
 from patchdiff.data import ImageDataset
-from patchdiff.generate import Model, build_denoiser, generate, image_grid, to_pil
+from patchdiff.generation import Model, build_denoiser, generate, image_grid, to_pil
 from patchdiff.loss import edm_loss
 from patchdiff.networks import count_parameters
 from patchdiff.patching import PatchSchedule, random_patches, resolve_schedule

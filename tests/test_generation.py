@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from patchdiff.generate import generate, image_grid, load, parse_seeds
+from patchdiff.generation import generate, image_grid, load, parse_seeds
 
 
 def test_parse_seeds():
