@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from patchdiff.config import PatchConfig, TrainConfig, network_preset
@@ -72,31 +73,33 @@ def demo_config(data: str, outdir: str, kimg: float, resolution: int = 32) -> Tr
 
 
 def run_demo(
-    outdir: str | Path, kimg: float = 60.0, num_images: int = 2000, progress: bool = True, steps: int = 18
+    outdir: str | Path, kimg: float = 60.0, num_images: int = 2000, progress: bool = True, samples: int = 64
 ) -> dict:
-    """Make the data, train, sample a grid and plot the loss. Returns paths and timings."""
-    from patchdiff.generation import generate, image_grid, load, to_pil
-    from patchdiff.report import plot_loss, read_stats
+    """Make the data, train, and write an enlarged sample grid, a data preview and the loss plot.
+
+    The samples are the final snapshot's grid (EMA weights, seeds 0..samples-1, 18 Heun steps)."""
+    from patchdiff.generation import image_grid, to_pil
+    from patchdiff.report import latest_grid, plot_loss, read_stats
     from patchdiff.training.loop import train
 
     outdir = Path(outdir)
     start = time.time()
     data = write_images(make_landscapes(num_images, 32, seed=0), outdir / "data")
-    run_dir = train(demo_config(str(data), str(outdir / "runs"), kimg), progress=progress, grid=64)
+    run_dir = train(demo_config(str(data), str(outdir / "runs"), kimg), progress=progress, grid=samples)
     train_s = time.time() - start
-    model = load(run_dir, "cpu")
-    grid_path = outdir / "samples.png"
-    to_pil(image_grid(generate(model, range(64), batch_size=64, num_steps=steps))).resize(
-        (512, 512), Image.NEAREST
-    ).save(grid_path)
-    to_pil(image_grid(load_data_preview(data))).resize((512, 512), Image.NEAREST).save(
+    grid_path, _ = latest_grid(run_dir)
+    enlarge = 4
+    with Image.open(grid_path) as grid:
+        grid.resize((grid.width * enlarge, grid.height * enlarge), Image.NEAREST).save(outdir / "samples.png")
+    preview = to_pil(image_grid(load_data_preview(data, samples)))
+    preview.resize((preview.width * enlarge, preview.height * enlarge), Image.NEAREST).save(
         outdir / "data-preview.png"
     )
     loss_path = outdir / "loss.png"
     plot_loss(read_stats(run_dir), loss_path)
     return dict(
         run_dir=run_dir,
-        samples=grid_path,
+        samples=outdir / "samples.png",
         loss_plot=loss_path,
         data=data,
         train_s=train_s,
@@ -104,8 +107,6 @@ def run_demo(
     )
 
 
-def load_data_preview(folder: Path, num: int = 64):
-    import torch
-
+def load_data_preview(folder: Path, num: int = 64) -> torch.Tensor:
     files = sorted(folder.glob("*.png"))[:num]
     return torch.from_numpy(np.stack([np.asarray(Image.open(f)) for f in files])).permute(0, 3, 1, 2)
