@@ -35,6 +35,27 @@ def tiny_detector(tmp_path_factory) -> str:
     return str(path)
 
 
+# `patchdiff train` flags for the same tiny network, for tests that go through the command line.
+TINY_TRAIN_FLAGS = [
+    "--cbase",
+    "8",
+    "--cres",
+    "1,2",
+    "--blocks",
+    "1",
+    "--attn",
+    "8",
+    "--batch",
+    "8",
+    "--lr-rampup",
+    "0.05",
+    "--ema",
+    "0.05",
+    "--workers",
+    "0",
+]
+
+
 def tiny_config(data: str, outdir: str, **overrides) -> TrainConfig:
     """A ~30k-parameter DDPM++ on 16x16 images with crops 4, 8, 16."""
     net = network_preset(

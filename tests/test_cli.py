@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from tests.conftest import TINY_TRAIN_FLAGS
 
 from patchdiff.cli import build_parser, main
 from patchdiff.demo import make_landscapes
@@ -30,36 +31,9 @@ def test_end_to_end(tmp_path, tiny_detector, capsys):
     )
 
     train = [
-        "train",
-        "--data",
-        str(data),
-        "--outdir",
-        str(tmp_path / "runs"),
-        "--cbase",
-        "8",
-        "--cres",
-        "1,2",
-        "--blocks",
-        "1",
-        "--attn",
-        "8",
-        "--duration",
-        "0.2",
-        "--batch",
-        "8",
-        "--tick",
-        "0.1",
-        "--snap",
-        "1",
-        "--grid",
-        "4",
-        "--workers",
-        "0",
-        "--lr-rampup",
-        "0.05",
-        "--ema",
-        "0.05",
-        "--no-progress",
+        *f"train --data {data} --outdir {tmp_path / 'runs'} --duration 0.2 --tick 0.1 --snap 1".split(),
+        *["--grid", "4", "--no-progress"],
+        *TINY_TRAIN_FLAGS,
     ]
     assert main([*train, "--dry-run"]) == 0
     assert "parameters:" in capsys.readouterr().out
@@ -127,43 +101,11 @@ def test_end_to_end(tmp_path, tiny_detector, capsys):
 
 def test_metrics_during_training(tmp_path, landscapes, tiny_detector):
     runs = tmp_path / "runs"
-    assert (
-        main(
-            [
-                "train",
-                "--data",
-                str(landscapes),
-                "--outdir",
-                str(runs),
-                "--cbase",
-                "8",
-                "--cres",
-                "1,2",
-                "--blocks",
-                "1",
-                "--attn",
-                "8",
-                "--duration",
-                "0.1",
-                "--batch",
-                "8",
-                "--tick",
-                "0.1",
-                "--grid",
-                "0",
-                "--workers",
-                "0",
-                "--metrics",
-                "fid,kid",
-                "--metric-num",
-                "16",
-                "--detector",
-                tiny_detector,
-                "--no-progress",
-            ]
-        )
-        == 0
+    metrics = f"--metrics fid,kid --metric-num 16 --detector {tiny_detector}".split()
+    train = (
+        f"train --data {landscapes} --outdir {runs} --duration 0.1 --tick 0.1 --grid 0 --no-progress".split()
     )
+    assert main([*train, *metrics, *TINY_TRAIN_FLAGS]) == 0
     (run,) = runs.iterdir()
     records = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
     metrics = [r for r in records if r["kind"] == "metrics"]

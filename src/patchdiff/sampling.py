@@ -44,20 +44,23 @@ def randn_like(x: torch.Tensor, generator: Generators = None) -> torch.Tensor:
     )
 
 
-def _sample(
+def edm_sampler(
     denoiser: DenoiserFn,
-    noise,
-    num_steps,
-    sigma_min,
-    sigma_max,
-    rho,
-    S_churn,
-    S_min,
-    S_max,
-    S_noise,
-    generator,
-    heun: bool,
+    noise: torch.Tensor,
+    num_steps: int = 18,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    rho: float = 7.0,
+    S_churn: float = 0.0,
+    S_min: float = 0.0,
+    S_max: float = float("inf"),
+    S_noise: float = 1.0,
+    generator: Generators = None,
+    second_order: bool = True,
 ) -> torch.Tensor:
+    """EDM Algorithm 2: Heun's 2nd-order method with optional stochastic churn; 2N-1 denoiser calls.
+
+    second_order=False leaves out the correction: Euler, N calls (see euler_sampler)."""
     sigmas = karras_sigmas(num_steps, sigma_min, sigma_max, rho)
     t_dev = torch.tensor(sigmas, dtype=torch.float64, device=noise.device)
     x = noise.to(torch.float64) * sigmas[0]
@@ -78,7 +81,7 @@ def _sample(
         ) / t_hat
         x = x_hat + (t_next - t_hat) * d_cur
         # ... and the second-order correction, skipped when stepping to sigma = 0 (lines 9-11).
-        if heun and i < num_steps - 1:
+        if second_order and i < num_steps - 1:
             d_prime = (
                 x - denoiser(x.to(torch.float32), t_dev[i + 1].to(torch.float32)).to(torch.float64)
             ) / t_next
@@ -86,64 +89,9 @@ def _sample(
     return x.to(torch.float32)
 
 
-def edm_sampler(
-    denoiser: DenoiserFn,
-    noise: torch.Tensor,
-    num_steps: int = 18,
-    sigma_min: float = 0.002,
-    sigma_max: float = 80.0,
-    rho: float = 7.0,
-    S_churn: float = 0.0,
-    S_min: float = 0.0,
-    S_max: float = float("inf"),
-    S_noise: float = 1.0,
-    generator: Generators = None,
-) -> torch.Tensor:
-    """EDM Algorithm 2: Heun's 2nd-order method with optional stochastic churn; 2N-1 denoiser calls."""
-    return _sample(
-        denoiser,
-        noise,
-        num_steps,
-        sigma_min,
-        sigma_max,
-        rho,
-        S_churn,
-        S_min,
-        S_max,
-        S_noise,
-        generator,
-        heun=True,
-    )
-
-
-def euler_sampler(
-    denoiser: DenoiserFn,
-    noise: torch.Tensor,
-    num_steps: int = 18,
-    sigma_min: float = 0.002,
-    sigma_max: float = 80.0,
-    rho: float = 7.0,
-    S_churn: float = 0.0,
-    S_min: float = 0.0,
-    S_max: float = float("inf"),
-    S_noise: float = 1.0,
-    generator: Generators = None,
-) -> torch.Tensor:
-    """First-order Euler over the same sigmas (N denoiser calls), with the same churn."""
-    return _sample(
-        denoiser,
-        noise,
-        num_steps,
-        sigma_min,
-        sigma_max,
-        rho,
-        S_churn,
-        S_min,
-        S_max,
-        S_noise,
-        generator,
-        heun=False,
-    )
+def euler_sampler(denoiser: DenoiserFn, noise: torch.Tensor, **kwargs) -> torch.Tensor:
+    """First-order Euler over the same sigmas and churn as edm_sampler (same arguments); N calls."""
+    return edm_sampler(denoiser, noise, second_order=False, **kwargs)
 
 
 SAMPLERS = {"heun": edm_sampler, "euler": euler_sampler}

@@ -4,10 +4,13 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
-from tests.conftest import tiny_config
+from PIL import Image
+from tests.conftest import TINY_TRAIN_FLAGS, tiny_config
 
+from patchdiff.cli import main
 from patchdiff.config import PatchConfig
 from patchdiff.data import ImageDataset
 from patchdiff.generation import build_denoiser
@@ -158,7 +161,7 @@ def test_gradient_accumulation_matches_one_big_batch(landscapes):
 
 def test_torchrun_two_processes(landscapes, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [
+    torchrun = [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -167,92 +170,28 @@ def test_torchrun_two_processes(landscapes, tmp_path):
         "2",
         "-m",
         "patchdiff",
-        "train",
-        "--data",
-        str(landscapes),
-        "--outdir",
-        str(tmp_path),
-        "--cbase",
-        "8",
-        "--cres",
-        "1,2",
-        "--blocks",
-        "1",
-        "--attn",
-        "8",
-        "--duration",
-        "0.1",
-        "--batch",
-        "8",
-        "--tick",
-        "0.05",
-        "--snap",
-        "2",
-        "--grid",
-        "4",
-        "--workers",
-        "0",
-        "--no-progress",
-        "--lr-rampup",
-        "0.05",
     ]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    train = f"train --data {landscapes} --outdir {tmp_path} --duration 0.1 --tick 0.05 --snap 2 --grid 4 --no-progress"
+    out = subprocess.run(
+        [*torchrun, *train.split(), *TINY_TRAIN_FLAGS], env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     (run,) = tmp_path.iterdir()
     assert "on 2 x cpu" in (run / "log.txt").read_text()
     ticks = [r for r in read_jsonl(run / "stats.jsonl") if r["kind"] == "tick"]
     assert ticks[-1]["kimg"] >= 0.1 and list(run.glob("snapshot-*.safetensors"))
-    # Both processes loaded distinct images: 4 per process and round at full size.
     assert ticks[-1]["images"] == sum(ticks[-1]["crops"].values())
     # Generation under torchrun gives the same images as one process.
-    gen = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "patchdiff",
-        "generate",
-        "--model",
-        str(run),
-        "--outdir",
-        str(tmp_path / "g2"),
-        "--seeds",
-        "0-4",
-        "--steps",
-        "4",
-        "--batch",
-        "2",
-        "--no-progress",
-    ]
-    out = subprocess.run(gen, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    from patchdiff.cli import main
-
-    assert (
-        main(
-            [
-                "generate",
-                "--model",
-                str(run),
-                "--outdir",
-                str(tmp_path / "g1"),
-                "--seeds",
-                "0-4",
-                "--steps",
-                "4",
-                "--batch",
-                "5",
-                "--no-progress",
-            ]
-        )
-        == 0
+    generate = f"generate --model {run} --seeds 0-4 --steps 4 --no-progress"
+    out = subprocess.run(
+        [*torchrun, *generate.split(), "--outdir", str(tmp_path / "g2"), "--batch", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
-    import numpy as np
-    from PIL import Image
-
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert main([*generate.split(), "--outdir", str(tmp_path / "g1"), "--batch", "5"]) == 0
     for s in range(5):
         a = np.asarray(Image.open(tmp_path / "g1" / f"{s:06d}.png")).astype(int)
         b = np.asarray(Image.open(tmp_path / "g2" / f"{s:06d}.png")).astype(int)
