@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -196,3 +197,23 @@ def test_torchrun_two_processes(landscapes, tmp_path):
         a = np.asarray(Image.open(tmp_path / "g1" / f"{s:06d}.png")).astype(int)
         b = np.asarray(Image.open(tmp_path / "g2" / f"{s:06d}.png")).astype(int)
         assert np.abs(a - b).max() <= 1
+
+
+@pytest.mark.parametrize(
+    "schedule,precision,coords",
+    [("progressive", "bf16", True), ("full", "fp16", True), ("stochastic", "fp32", False)],
+)
+def test_schedules_precisions_and_the_no_coords_ablation(landscapes, tmp_path, schedule, precision, coords):
+    patch = PatchConfig(schedule=schedule, coords=coords)
+    cfg = tiny_config(str(landscapes), str(tmp_path), patch=patch, precision=precision, duration_kimg=0.15)
+    run = loop.train(cfg, progress=False, grid=2)
+    last = [r for r in read_jsonl(run / "stats.jsonl") if r["kind"] == "tick"][-1]
+    assert math.isfinite(last["loss"]) and last["loss"] < 10
+    sizes = {int(k) for k in last["crops"]}
+    if schedule == "full":
+        assert sizes == {16}
+    if schedule == "progressive":
+        # 0.15 kimg: the first 20% of images at 4x4 (32 images a step), then 8x8 (16 a step), ...
+        assert 4 in sizes and last["steps_by_size"]["4"] == -(-30 // 32)
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["network"]["coord_channels"] == (2 if coords else 0) and saved["precision"] == precision
