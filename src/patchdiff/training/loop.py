@@ -240,6 +240,8 @@ def train(
             denoiser, device_ids=[dev] if dev.type == "cuda" else None, broadcast_buffers=False
         )
     scaler = torch.amp.GradScaler(dev.type, enabled=cfg.precision == "fp16")
+    if state is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     sampler = StreamSampler(
         len(dataset), plan, batch_gpu, rounds, rank, world, counters["step"], counters["position"]
     )
@@ -309,6 +311,7 @@ def train(
                     denoiser=denoiser.state_dict(),
                     ema=ema.state_dict(),
                     optimizer=optimizer.state_dict(),
+                    scaler=scaler.state_dict(),
                     counters=json.dumps(counters),
                 ),
             )
