@@ -147,7 +147,8 @@ def train_step(
         y = images.to(dev, non_blocking=True).to(torch.float32) / 127.5 - 1
         y, coords = random_patches(y, crop)
         label_dim = cfg.network.label_dim
-        onehot = F.one_hot(labels.to(dev), label_dim).float() if label_dim else None
+        # One-hot on the host: on CUDA, one_hot would check the label range with a device sync.
+        onehot = F.one_hot(labels, label_dim).float().to(dev, non_blocking=True) if label_dim else None
         sync = ddp.no_sync() if ddp is not denoiser and r < rounds - 1 else contextlib.nullcontext()
         with sync:
             with autocast(dev, cfg.precision):
