@@ -47,6 +47,7 @@ class NonFiniteLossError(RuntimeError):
 
 # Settings a resumed run takes from the command line; everything else comes from its saved config.
 RUN_CONTROL = (
+    "data",  # the same images may have moved
     "duration_kimg",
     "tick_kimg",
     "snap_ticks",
@@ -55,6 +56,7 @@ RUN_CONTROL = (
     "metrics",
     "metric_num",
     "detector",
+    "metric_ref",
     "max_bad_steps",
 )
 
