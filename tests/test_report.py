@@ -1,6 +1,5 @@
 import argparse
 import base64
-import importlib.util
 import json
 import math
 import re
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import patchdiff.report
+from patchdiff.cli import main, report
 from patchdiff.config import TrainConfig, to_dict
 from patchdiff.report import (
     crop_mix,
@@ -28,15 +27,6 @@ from patchdiff.report import (
 )
 
 SIZES = (16, 32, 64)
-
-
-def _load_cli_module():
-    """cli/report.py on its own: the `patchdiff.cli` package imports every sub-command module."""
-    path = patchdiff.report.__file__.replace("report.py", "cli/report.py")
-    spec = importlib.util.spec_from_file_location("patchdiff_cli_report_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _ticks(n: int) -> list[dict]:
@@ -194,10 +184,13 @@ def test_plot_loss_writes_a_png(run_dir, tmp_path):
 
 def test_cli_prints_both_paths(run_dir, tmp_path, capsys):
     parser = argparse.ArgumentParser()
-    _load_cli_module().add_parser(parser.add_subparsers())
+    report.add_parser(parser.add_subparsers())
     args = parser.parse_args(["report", str(run_dir), "--dpi", "30"])
     assert args.func(args) == 0
     assert capsys.readouterr().out.split() == [str(run_dir / "report.png"), str(run_dir / "report.html")]
     args = parser.parse_args(["report", str(tmp_path / "empty")])
     with pytest.raises(FileNotFoundError, match="empty"):
         args.func(args)
+    # Through the real `patchdiff` entry point, a bad run directory is a clean error with exit code 2.
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    assert "patchdiff report: error:" in capsys.readouterr().err
