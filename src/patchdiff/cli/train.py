@@ -7,22 +7,22 @@ import argparse
 from patchdiff.config import LossConfig, PatchConfig, TrainConfig, network_preset
 
 
-def int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers like 1,2,2, got {text!r}"
-        ) from None
+def comma_list(cast: type, example: str):
+    """An argparse type for comma-separated values, e.g. comma_list(int, "1,2,2") for --cres."""
+
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(cast(v) for v in text.split(",") if v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated values like {example}, got {text!r}"
+            ) from None
+
+    return parse
 
 
-def float_list(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(",") if v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers like 0.2,0.3,0.5, got {text!r}"
-        ) from None
+int_list = comma_list(int, "1,2,2")
+float_list = comma_list(float, "0.2,0.3,0.5")
 
 
 def add_network_flags(p: argparse.ArgumentParser) -> None:
