@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from tests.data.images import rand_image, write_png
 
 from patchdiff.data import convert as convert_module
 from patchdiff.data.convert import (
@@ -19,16 +19,6 @@ from patchdiff.data.convert import (
     parse_resolution,
 )
 from patchdiff.data.dataset import ImageDataset
-
-
-def rand_image(seed: int, h: int = 6, w: int = 5, c: int = 3) -> np.ndarray:
-    shape = (h, w) if c == 1 else (h, w, c)
-    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
-
-
-def write_png(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
 
 
 def leftovers(folder: Path) -> list[str]:

@@ -1,4 +1,3 @@
-import io
 import json
 import pickle
 import zipfile
@@ -8,19 +7,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tests.data.images import png_bytes, rand_image
 
 from patchdiff.data.dataset import ImageDataset
-
-
-def rand_image(seed: int, h: int = 6, w: int = 5, c: int = 3) -> np.ndarray:
-    shape = (h, w) if c == 1 else (h, w, c)
-    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
-
-
-def png_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="png")
-    return buffer.getvalue()
 
 
 def make_folder(root: Path, arrays: dict[str, np.ndarray], labels: dict[str, int] | None = None) -> Path:
