@@ -291,7 +291,7 @@ def train(
             else:
                 log(f"computing reference statistics of {cfg.data} for {', '.join(cfg.metrics)}")
                 features = dataset_features(
-                    ImageDataset(cfg.data), detector, batch=64, progress=progress and main
+                    ImageDataset(cfg.data, verify=False), detector, batch=64, progress=progress and main
                 )
                 reference = reference_from_features(features)
                 if main:
