@@ -305,8 +305,6 @@ def train(
             save_snapshot(
                 run_dir / f"snapshot-{name}.safetensors", ema, cfg, step=step, kimg=plan.nimg(step) / 1000
             )
-            if grid:
-                write_grid(model, run_dir / f"grid-{name}.png", grid)
             save_state(
                 run_dir / STATE_NAME,
                 dict(
@@ -318,6 +316,8 @@ def train(
                     counters=json.dumps(counters),
                 ),
             )
+            if grid:  # after the state: a failure while sampling cannot cost the resumable state
+                write_grid(model, run_dir / f"grid-{name}.png", grid)
         if cfg.metrics:
             from patchdiff.metrics import compute_metrics
 
