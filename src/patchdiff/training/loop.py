@@ -15,6 +15,7 @@ import json
 import math
 import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,7 +39,10 @@ from patchdiff.training.checkpoint import (
     save_state,
 )
 from patchdiff.training.ema import ema_beta, update_ema
+from patchdiff.training.setup import batch_split, make_plan, new_run_dir, resolve
 from patchdiff.training.stream import StepPlan, StreamSampler, step_seed
+
+__all__ = ["NonFiniteLossError", "batch_split", "make_plan", "resolve", "train", "train_step"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -59,56 +63,6 @@ RUN_CONTROL = (
     "metric_ref",
     "max_bad_steps",
 )
-
-
-def resolve(cfg: TrainConfig, dataset: ImageDataset) -> TrainConfig:
-    """Fill in what the data set decides: image size, channels, classes; check the batch split."""
-    H, W = dataset.resolution
-    if cfg.cond and not dataset.has_labels:
-        raise ValueError(f"--cond needs class labels, but {cfg.data} has no dataset.json labels")
-    net = dataclasses.replace(
-        cfg.network,
-        resolution=min(H, W),
-        img_channels=dataset.num_channels,
-        coord_channels=2 if cfg.patch.coords else 0,
-        label_dim=dataset.num_classes if cfg.cond else 0,
-    )
-    for name, value in (("H", H), ("W", W)):
-        if value % net.min_crop:
-            raise ValueError(
-                f"image {name}={value} of {cfg.data} is not a multiple of {net.min_crop}, which "
-                f"--cres {','.join(map(str, net.channel_mult))} needs; convert with `patchdiff dataset --resolution`"
-            )
-    return dataclasses.replace(cfg, network=net, image_size=(H, W))
-
-
-def batch_split(cfg: TrainConfig, world: int) -> tuple[int, int]:
-    """(batch_gpu, accumulation rounds) with batch = batch_gpu * rounds * world."""
-    batch_gpu = cfg.batch_gpu or cfg.batch // world
-    if batch_gpu < 1 or cfg.batch % (batch_gpu * world):
-        raise ValueError(
-            f"--batch {cfg.batch} must be a multiple of --batch-gpu {batch_gpu} x {world} processes"
-        )
-    return batch_gpu, cfg.batch // (batch_gpu * world)
-
-
-def make_plan(cfg: TrainConfig, schedule: PatchSchedule, batch_gpu: int, rounds: int, world: int) -> StepPlan:
-    per_step = tuple(
-        schedule.images_per_round(batch_gpu, i) * rounds * world for i in range(len(schedule.sizes))
-    )
-    return StepPlan(schedule, cfg.seed, per_step, cfg.duration_kimg * 1000)
-
-
-def new_run_dir(cfg: TrainConfig) -> Path:
-    outdir = Path(cfg.outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    ids = [
-        int(p.name.split("-")[0]) for p in outdir.iterdir() if p.is_dir() and p.name.split("-")[0].isdigit()
-    ]
-    name = Path(cfg.data.rstrip("/")).stem or "data"
-    run_dir = outdir / f"{max(ids, default=-1) + 1:05d}-{name}-{cfg.network.arch}-{cfg.patch.schedule}"
-    run_dir.mkdir()
-    return run_dir
 
 
 def autocast(device: torch.device, precision: str):
@@ -170,17 +124,22 @@ def train_step(
     return loss_sum, n
 
 
-def train(
-    cfg: TrainConfig,
-    resume: str | None = None,
-    progress: bool = True,
-    device: str | None = None,
-    dry_run: bool = False,
-    grid: int = 64,
-) -> Path | None:
-    """Train as configured; returns the run directory (None for a dry run)."""
-    dev = dist.init_from_env(device)
-    rank, world = dist.rank(), dist.world_size()
+@dataclass(frozen=True)
+class Setup:
+    """What a run decides before it builds anything: config, data, crop sizes, plan, resumed state."""
+
+    cfg: TrainConfig
+    dataset: ImageDataset
+    schedule: PatchSchedule
+    plan: StepPlan
+    batch_gpu: int
+    rounds: int
+    state: dict | None
+    state_path: Path | None
+
+
+def prepare(cfg: TrainConfig, resume: str | None, world: int) -> Setup:
+    """Check everything that can be checked before anything is written."""
     state_path = find_resume_state(resume, cfg.outdir) if resume else None
     state = load_state(state_path) if state_path else None
     if state is not None:  # a resumed run keeps what defines its training; run control may change
@@ -195,87 +154,251 @@ def train(
 
         parse_metric_names(cfg.metrics)  # fail before training, not at the first snapshot
     plan = make_plan(cfg, schedule, batch_gpu, rounds, world)
+    return Setup(cfg, dataset, schedule, plan, batch_gpu, rounds, state, state_path)
 
-    torch.manual_seed(cfg.seed)  # the same initial weights on every process and every run
-    denoiser = build_denoiser(cfg).to(dev)
-    if dry_run:
-        if dist.is_main():
-            print(to_json(cfg))
-            print(f"parameters: {count_parameters(denoiser.net):,}")
-            print(
-                f"crop sizes {schedule.sizes} p={tuple(round(p, 3) for p in schedule.probs)}, images/step "
-                f"{plan.images_per_step}, expected {plan.expected_images:.1f}, {plan.total_steps} steps"
-            )
-        return None
 
-    ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
-    optimizer = torch.optim.Adam(denoiser.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
-    counters = dict(step=0, position=0, images=0, time_s=0.0, crops={}, steps_by_size={})
-    if state is not None:
-        denoiser.load_state_dict(state["denoiser"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        counters = json.loads(state["counters"])
-        run_dir = state_path.parent  # the run continues in place, wherever it was moved to
-    else:
-        run_dir = new_run_dir(cfg) if dist.is_main() else None
-    run_dir = Path(dist.broadcast_object(str(run_dir)))
-    main = dist.is_main()
-    log_file = open(run_dir / "log.txt", "a") if main else None  # noqa: SIM115 (kept open for the run)
+class Run:
+    """One training run: built from a Setup, then `loop()` calls `step()` until the plan is done,
+    `tick()` at each tick and `snapshot()` every `snap_ticks` ticks."""
 
-    def log(msg: str) -> None:
-        if main:
-            tqdm.write(msg)
-            log_file.write(msg + "\n")
-            log_file.flush()
+    def __init__(self, setup: Setup, dev: torch.device, progress: bool, grid: int):
+        self.cfg, self.schedule, self.plan = cfg, schedule, plan = setup.cfg, setup.schedule, setup.plan
+        self.dev, self.progress, self.grid, self.rounds = dev, progress, grid, setup.rounds
+        self.rank, self.world, self.main = dist.rank(), dist.world_size(), dist.is_main()
+        state = setup.state
 
-    if main:
-        atomic_write(run_dir / "config.json", lambda tmp: Path(tmp).write_text(to_json(cfg)))
-    log(
-        f"{'resuming' if state else 'starting'} {run_dir} at step {counters['step']} on {world} x {dev}; "
-        f"{count_parameters(denoiser.net):,} parameters; crop sizes {schedule.sizes}; "
-        f"{plan.total_steps} steps of {plan.expected_images:.1f} images (expected)"
-    )
-
-    ddp = denoiser
-    if world > 1:
-        ddp = DistributedDataParallel(
-            denoiser, device_ids=[dev] if dev.type == "cuda" else None, broadcast_buffers=False
+        torch.manual_seed(cfg.seed)  # the same initial weights on every process and every run
+        self.denoiser = build_denoiser(cfg).to(dev)
+        self.ema = copy.deepcopy(self.denoiser).eval().requires_grad_(False)
+        self.optimizer = torch.optim.Adam(self.denoiser.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+        self.counters = dict(step=0, position=0, images=0, time_s=0.0, crops={}, steps_by_size={})
+        if state is not None:
+            self.denoiser.load_state_dict(state["denoiser"])
+            self.ema.load_state_dict(state["ema"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.counters = json.loads(state["counters"])
+            run_dir = setup.state_path.parent  # the run continues in place, wherever it was moved to
+        else:
+            run_dir = new_run_dir(cfg) if self.main else None
+        self.run_dir = Path(dist.broadcast_object(str(run_dir)))
+        self.stats_path = self.run_dir / "stats.jsonl"
+        self.log_file = open(self.run_dir / "log.txt", "a") if self.main else None  # noqa: SIM115 (kept open)
+        if self.main:
+            atomic_write(self.run_dir / "config.json", lambda tmp: Path(tmp).write_text(to_json(cfg)))
+        self.log(
+            f"{'resuming' if state else 'starting'} {self.run_dir} at step {self.counters['step']} on "
+            f"{self.world} x {dev}; {count_parameters(self.denoiser.net):,} parameters; crop sizes "
+            f"{schedule.sizes}; {plan.total_steps} steps of {plan.expected_images:.1f} images (expected)"
         )
-    scaler = torch.amp.GradScaler(dev.type, enabled=cfg.precision == "fp16")
-    if state is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    sampler = StreamSampler(
-        len(dataset), plan, batch_gpu, rounds, rank, world, counters["step"], counters["position"]
-    )
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        num_workers=cfg.workers,
-        pin_memory=dev.type == "cuda",
-        persistent_workers=cfg.workers > 0,
-        prefetch_factor=4 if cfg.workers > 0 else None,
-    )
-    batches = iter(loader)
-    stats_path = run_dir / "stats.jsonl"
-    model = Model(ema, cfg, dev)
-    step = counters["step"]
-    tick_kimg = cfg.tick_kimg
-    next_tick = (math.floor(plan.nimg(step) / 1000 / tick_kimg) + 1) * tick_kimg
-    ticks_done = 0
-    loss_sum = torch.zeros((), device=dev)
-    bad_streak = torch.zeros((), device=dev)
-    worst_streak = torch.zeros((), device=dev)
-    tick_steps, tick_start, tick_nimg = 0, time.time(), plan.nimg(step)
-    bar = tqdm(
-        total=plan.total_steps, initial=step, unit="step", disable=not (progress and main), dynamic_ncols=True
-    )
 
-    metric_cache: dict = {}
+        self.ddp = self.denoiser
+        if self.world > 1:
+            self.ddp = DistributedDataParallel(
+                self.denoiser, device_ids=[dev] if dev.type == "cuda" else None, broadcast_buffers=False
+            )
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=cfg.precision == "fp16")
+        if state is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.at_step = self.counters["step"]
+        sampler = StreamSampler(
+            len(setup.dataset),
+            plan,
+            setup.batch_gpu,
+            self.rounds,
+            self.rank,
+            self.world,
+            self.at_step,
+            self.counters["position"],
+        )
+        loader = torch.utils.data.DataLoader(
+            setup.dataset,
+            batch_sampler=sampler,
+            num_workers=cfg.workers,
+            pin_memory=dev.type == "cuda",
+            persistent_workers=cfg.workers > 0,
+            prefetch_factor=4 if cfg.workers > 0 else None,
+        )
+        self.batches = iter(loader)
+        self.model = Model(self.ema, cfg, dev)
+        self.metric_cache: dict = {}
+        # Device-side accumulators, read only at ticks: no host sync in the hot loop.
+        self.loss_sum = torch.zeros((), device=dev)
+        self.bad_streak = torch.zeros((), device=dev)
+        self.worst_streak = torch.zeros((), device=dev)
+        self.ticks_done = 0
+        self.next_tick = self.tick_after(plan.nimg(self.at_step) / 1000)
+        self.tick_steps, self.tick_start, self.tick_nimg = 0, time.time(), plan.nimg(self.at_step)
+        self.bar = tqdm(
+            total=plan.total_steps,
+            initial=self.at_step,
+            unit="step",
+            disable=not (progress and self.main),
+            dynamic_ncols=True,
+        )
 
-    def metric_setup():
+    # ------------------------------------------------------------------ small helpers
+
+    def log(self, msg: str) -> None:
+        if self.main:
+            tqdm.write(msg)
+            self.log_file.write(msg + "\n")
+            self.log_file.flush()
+
+    def tick_after(self, kimg: float) -> float:
+        return (math.floor(kimg / self.cfg.tick_kimg) + 1) * self.cfg.tick_kimg
+
+    def append_stats(self, record: dict) -> None:
+        if self.main:
+            with open(self.stats_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self.bar.close()
+        del self.batches
+        if self.log_file:
+            self.log_file.close()
+
+    # ------------------------------------------------------------------ the loop
+
+    def loop(self) -> None:
+        while self.at_step < self.plan.total_steps:
+            self.step()
+            done = self.at_step >= self.plan.total_steps
+            if self.plan.nimg(self.at_step) / 1000 >= self.next_tick or done:
+                self.tick(done)
+
+    def step(self) -> None:
+        cfg, plan, step = self.cfg, self.plan, self.at_step
+        index = plan.size_index(step)
+        crop = self.schedule.crop_shape(index)
+        torch.manual_seed(step_seed(cfg.seed, self.rank, step))  # crops, sigma, noise, dropout of this step
+        nimg = plan.nimg(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr * min(nimg / max(cfg.lr_rampup_kimg * 1000, 1e-8), 1.0)
+        rounds_data = (next(self.batches) for _ in range(self.rounds))
+        loss, n = train_step(
+            self.ddp,
+            self.denoiser,
+            self.optimizer,
+            self.scaler,
+            rounds_data,
+            crop,
+            cfg,
+            self.dev,
+            self.rounds,
+        )
+        self.loss_sum += loss
+        self.bad_streak = (self.bad_streak + 1) * (~torch.isfinite(loss))
+        self.worst_streak = torch.maximum(self.worst_streak, self.bad_streak)
+        step_images = plan.nimg(step + 1) - nimg
+        beta = ema_beta(step_images, nimg + step_images, cfg.ema_halflife_kimg, cfg.ema_rampup_ratio)
+        update_ema(self.ema, self.denoiser, beta)
+        c, size, seen = self.counters, str(self.schedule.sizes[index]), n * self.rounds * self.world
+        c["crops"][size] = c["crops"].get(size, 0) + seen
+        c["steps_by_size"][size] = c["steps_by_size"].get(size, 0) + 1
+        c["images"] += seen
+        c["position"] += seen
+        self.at_step = c["step"] = step + 1
+        self.tick_steps += 1
+        self.bar.update(1)
+
+    def tick(self, done: bool) -> None:
+        cfg, step, c = self.cfg, self.at_step, self.counters
+        now = time.time()
+        c["time_s"] += now - self.tick_start
+        loss_mean = dist.all_reduce_mean(self.loss_sum / self.tick_steps).item()
+        if dist.all_reduce_mean(self.worst_streak).item() >= cfg.max_bad_steps:
+            raise NonFiniteLossError(
+                f"the loss was non-finite for {cfg.max_bad_steps} steps in a row at step {step}; "
+                f"the last good state is {self.run_dir / STATE_NAME}. Lower --lr, use --precision fp32, "
+                f"or check the data"
+            )
+        kimg = self.plan.nimg(step) / 1000
+        dk = kimg - self.tick_nimg / 1000
+        record = dict(
+            kind="tick",
+            step=step,
+            kimg=kimg,
+            time_s=c["time_s"],
+            loss=loss_mean,
+            lr=self.optimizer.param_groups[0]["lr"],
+            s_per_kimg=(now - self.tick_start) / max(dk, 1e-9),
+            steps_per_s=self.tick_steps / max(now - self.tick_start, 1e-9),
+            images=c["images"],
+            crops=c["crops"],
+            steps_by_size=c["steps_by_size"],
+            mem_gb=peak_memory_gb(self.dev),
+        )
+        self.append_stats(record)
+        self.log(
+            f"step {step} kimg {kimg:.3f} loss {loss_mean:.4f} sec/kimg {record['s_per_kimg']:.2f} "
+            f"steps/s {record['steps_per_s']:.2f} mem {record['mem_gb']:.2f}GB"
+        )
+        self.bar.set_postfix(kimg=f"{kimg:.1f}", loss=f"{loss_mean:.4f}")
+        self.ticks_done += 1
+        if done or (cfg.snap_ticks > 0 and self.ticks_done % cfg.snap_ticks == 0):
+            if self.bad_streak.item() == 0:
+                self.snapshot()
+            else:  # never overwrite the last good state with one taken mid-way through a bad streak
+                self.log(
+                    f"skipping the snapshot at step {step}: the last {int(self.bad_streak.item())} losses "
+                    f"were non-finite"
+                )
+        self.loss_sum.zero_()
+        self.worst_streak.zero_()
+        self.tick_steps, self.tick_start, self.tick_nimg = 0, time.time(), self.plan.nimg(step)
+        self.next_tick = self.tick_after(kimg)
+
+    # ------------------------------------------------------------------ writing
+
+    def state_dict(self) -> dict:
+        return dict(
+            config=to_json(self.cfg),
+            denoiser=self.denoiser.state_dict(),
+            ema=self.ema.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            scaler=self.scaler.state_dict(),
+            counters=json.dumps(self.counters),
+        )
+
+    def snapshot(self) -> None:
+        step, name = self.at_step, f"{self.at_step:08d}"
+        if self.main:
+            kimg = self.plan.nimg(step) / 1000
+            save_snapshot(
+                self.run_dir / f"snapshot-{name}.safetensors", self.ema, self.cfg, step=step, kimg=kimg
+            )
+            save_state(self.run_dir / STATE_NAME, self.state_dict())
+            if self.grid:  # after the state: a failure while sampling cannot cost the resumable state
+                write_grid(self.model, self.run_dir / f"grid-{name}.png", self.grid)
+        if self.cfg.metrics:
+            self.evaluate_metrics()
+        dist.barrier()
+
+    def evaluate_metrics(self) -> None:
+        from patchdiff.metrics import compute_metrics
+
+        cfg, step = self.cfg, self.at_step
+        detector, reference = self.metric_setup()
+        values = compute_metrics(
+            cfg.metrics,
+            self.model,
+            reference,
+            cfg.metric_num,
+            detector,
+            batch=min(64, cfg.metric_num),
+            seed=0,
+            progress=self.progress,
+        )
+        kimg = self.plan.nimg(step) / 1000
+        self.append_stats(
+            dict(kind="metrics", step=step, kimg=kimg, time_s=self.counters["time_s"], **values)
+        )
+        self.log(" ".join(f"{k} {v:.4g}" for k, v in values.items()))
+
+    def metric_setup(self):
         """Detector and reference statistics, loaded (or computed from the data) once per run."""
-        if not metric_cache:
+        if not self.metric_cache:
             from patchdiff.metrics import (
                 dataset_features,
                 load_detector,
@@ -284,146 +407,51 @@ def train(
                 save_reference,
             )
 
-            detector = load_detector(cfg.detector or None, dev)
-            ref_path = Path(cfg.metric_ref) if cfg.metric_ref else run_dir / "reference.npz"
+            cfg = self.cfg
+            detector = load_detector(cfg.detector or None, self.dev)
+            ref_path = Path(cfg.metric_ref) if cfg.metric_ref else self.run_dir / "reference.npz"
             if ref_path.is_file():
                 reference = load_reference(ref_path)
             else:
-                log(f"computing reference statistics of {cfg.data} for {', '.join(cfg.metrics)}")
+                self.log(f"computing reference statistics of {cfg.data} for {', '.join(cfg.metrics)}")
                 features = dataset_features(
-                    ImageDataset(cfg.data, verify=False), detector, batch=64, progress=progress and main
+                    ImageDataset(cfg.data, verify=False),
+                    detector,
+                    batch=64,
+                    progress=self.progress and self.main,
                 )
                 reference = reference_from_features(features)
-                if main:
+                if self.main:
                     save_reference(reference, ref_path)
-            metric_cache.update(detector=detector, reference=reference)
-        return metric_cache["detector"], metric_cache["reference"]
+            self.metric_cache.update(detector=detector, reference=reference)
+        return self.metric_cache["detector"], self.metric_cache["reference"]
 
-    def snapshot() -> None:
-        name = f"{step:08d}"
-        if main:
-            save_snapshot(
-                run_dir / f"snapshot-{name}.safetensors", ema, cfg, step=step, kimg=plan.nimg(step) / 1000
-            )
-            save_state(
-                run_dir / STATE_NAME,
-                dict(
-                    config=to_json(cfg),
-                    denoiser=denoiser.state_dict(),
-                    ema=ema.state_dict(),
-                    optimizer=optimizer.state_dict(),
-                    scaler=scaler.state_dict(),
-                    counters=json.dumps(counters),
-                ),
-            )
-            if grid:  # after the state: a failure while sampling cannot cost the resumable state
-                write_grid(model, run_dir / f"grid-{name}.png", grid)
-        if cfg.metrics:
-            from patchdiff.metrics import compute_metrics
 
-            detector, reference = metric_setup()
-            values = compute_metrics(
-                cfg.metrics,
-                model,
-                reference,
-                cfg.metric_num,
-                detector,
-                batch=min(64, cfg.metric_num),
-                seed=0,
-                progress=progress,
+def train(
+    cfg: TrainConfig,
+    resume: str | None = None,
+    progress: bool = True,
+    device: str | None = None,
+    dry_run: bool = False,
+    grid: int = 64,
+) -> Path | None:
+    """Train as configured; returns the run directory (None for a dry run)."""
+    dev = dist.init_from_env(device)
+    setup = prepare(cfg, resume, dist.world_size())
+    if dry_run:
+        if dist.is_main():
+            cfg, schedule, plan = setup.cfg, setup.schedule, setup.plan
+            torch.manual_seed(cfg.seed)
+            print(to_json(cfg))
+            print(f"parameters: {count_parameters(build_denoiser(cfg).net):,}")
+            print(
+                f"crop sizes {schedule.sizes} p={tuple(round(p, 3) for p in schedule.probs)}, images/step "
+                f"{plan.images_per_step}, expected {plan.expected_images:.1f}, {plan.total_steps} steps"
             )
-            if main:
-                record = dict(
-                    kind="metrics",
-                    step=step,
-                    kimg=plan.nimg(step) / 1000,
-                    time_s=counters["time_s"],
-                    **values,
-                )
-                with open(stats_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                log(" ".join(f"{k} {v:.4g}" for k, v in values.items()))
-        dist.barrier()
-
+        return None
+    run = Run(setup, dev, progress, grid)
     try:
-        while step < plan.total_steps:
-            index = plan.size_index(step)
-            crop = schedule.crop_shape(index)
-            torch.manual_seed(step_seed(cfg.seed, rank, step))  # crops, sigma, noise, dropout of this step
-            nimg = plan.nimg(step)
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * min(nimg / max(cfg.lr_rampup_kimg * 1000, 1e-8), 1.0)
-            rounds_data = (next(batches) for _ in range(rounds))
-            loss, n = train_step(ddp, denoiser, optimizer, scaler, rounds_data, crop, cfg, dev, rounds)
-            loss_sum += loss
-            bad_streak = (bad_streak + 1) * (~torch.isfinite(loss))
-            worst_streak = torch.maximum(worst_streak, bad_streak)
-            step_images = plan.nimg(step + 1) - nimg
-            update_ema(
-                ema,
-                denoiser,
-                ema_beta(step_images, nimg + step_images, cfg.ema_halflife_kimg, cfg.ema_rampup_ratio),
-            )
-            size = str(schedule.sizes[index])
-            counters["crops"][size] = counters["crops"].get(size, 0) + n * rounds * world
-            counters["steps_by_size"][size] = counters["steps_by_size"].get(size, 0) + 1
-            counters["images"] += n * rounds * world
-            counters["position"] += n * rounds * world
-            step += 1
-            counters["step"] = step
-            tick_steps += 1
-            bar.update(1)
-
-            done = step >= plan.total_steps
-            if plan.nimg(step) / 1000 >= next_tick or done:
-                now = time.time()
-                counters["time_s"] += now - tick_start
-                loss_mean = dist.all_reduce_mean(loss_sum / tick_steps).item()
-                if dist.all_reduce_mean(worst_streak).item() >= cfg.max_bad_steps:
-                    raise NonFiniteLossError(
-                        f"the loss was non-finite for {cfg.max_bad_steps} steps in a row at step {step}; "
-                        f"the last good state is {run_dir / STATE_NAME}. Lower --lr, use --precision fp32, "
-                        f"or check the data"
-                    )
-                kimg = plan.nimg(step) / 1000
-                dk = kimg - tick_nimg / 1000
-                record = dict(
-                    kind="tick",
-                    step=step,
-                    kimg=kimg,
-                    time_s=counters["time_s"],
-                    loss=loss_mean,
-                    lr=optimizer.param_groups[0]["lr"],
-                    s_per_kimg=(now - tick_start) / max(dk, 1e-9),
-                    steps_per_s=tick_steps / max(now - tick_start, 1e-9),
-                    images=counters["images"],
-                    crops=counters["crops"],
-                    steps_by_size=counters["steps_by_size"],
-                    mem_gb=peak_memory_gb(dev),
-                )
-                if main:
-                    with open(stats_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                log(
-                    f"step {step} kimg {kimg:.3f} loss {loss_mean:.4f} sec/kimg {record['s_per_kimg']:.2f} "
-                    f"steps/s {record['steps_per_s']:.2f} mem {record['mem_gb']:.2f}GB"
-                )
-                bar.set_postfix(kimg=f"{kimg:.1f}", loss=f"{loss_mean:.4f}")
-                ticks_done += 1
-                if done or (cfg.snap_ticks > 0 and ticks_done % cfg.snap_ticks == 0):
-                    if bad_streak.item() == 0:
-                        snapshot()
-                    else:  # never overwrite the last good state with one taken mid-way through a bad streak
-                        log(
-                            f"skipping the snapshot at step {step}: the last {int(bad_streak.item())} losses were non-finite"
-                        )
-                loss_sum.zero_()
-                worst_streak.zero_()
-                tick_steps, tick_start, tick_nimg = 0, time.time(), plan.nimg(step)
-                next_tick = (math.floor(kimg / tick_kimg) + 1) * tick_kimg
+        run.loop()
     finally:
-        bar.close()
-        del batches
-        if log_file:
-            log_file.close()
-    return run_dir
+        run.close()
+    return run.run_dir
