@@ -111,6 +111,8 @@ class TrainConfig:
     metric_ref: str = ""  # reference statistics (.npz); empty = computed from the data once per run
     grad_clip: float = 0.0  # 0 = no clipping
     max_bad_steps: int = 8  # consecutive non-finite losses before the run stops
+    checkpoint_kimg: float = 0.0  # also write the resumable state every this many kimg (0 = off)
+    checkpoint_minutes: float = 10.0  # ... and at least this often in wall-clock time (0 = off)
 
 
 # --------------------------------------------------------------------------- JSON round trip

@@ -44,7 +44,12 @@ def init_from_env(device: str | None = None) -> torch.device:
     """Join the process group torchrun describes in the environment (a no-op without torchrun).
 
     NCCL on CUDA, gloo on CPU. Returns this process's device."""
-    dev = torch.device(device) if device else default_device()
+    try:
+        dev = torch.device(device) if device else default_device()
+    except RuntimeError:
+        raise ValueError(f"--device {device}: unknown device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if dev.type == "cuda":
@@ -78,3 +83,32 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_reduce_max(t: torch.Tensor, group=None) -> torch.Tensor:
+    """The elementwise maximum of t over processes (t itself with one process)."""
+    if is_initialized():
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t
+
+
+def host_group():
+    """A process group for small CPU tensors (gloo): flags can be agreed on without waiting for the
+    GPU. Every rank must call this at the same point (None with one process or a gloo default group)."""
+    if not is_initialized() or dist.get_backend() == "gloo":
+        return None
+    return dist.new_group(backend="gloo")
+
+
+def agree_on_error(error: BaseException | None) -> None:
+    """Raise on every rank when one rank failed (e.g. rank 0 could not lock the run directory)."""
+    messages = [str(error) if error else None]
+    if is_initialized():
+        messages = [None] * world_size()
+        dist.all_gather_object(messages, str(error) if error else None)
+    if error is not None:
+        raise error
+    for m in messages:
+        if m is not None:
+            raise RuntimeError(m)

@@ -140,6 +140,13 @@ def resolve_schedule(cfg: PatchConfig, image_size: tuple[int, int], min_crop: in
         probs = tuple(cfg.probs) if cfg.probs else tuple(1.0 / len(sizes) for _ in sizes)
     else:
         sizes, probs = default_sizes(R, cfg.real_p, cfg.latent)
+        if cfg.probs:  # probabilities for the default sizes
+            if len(cfg.probs) != len(sizes):
+                raise ValueError(
+                    f"--patch-probs {','.join(map(str, cfg.probs))} gives {len(cfg.probs)} probabilities for "
+                    f"the {len(sizes)} default sizes {sizes}; give one per size, or --patch-sizes too"
+                )
+            probs = tuple(cfg.probs)
     if len(probs) != len(sizes):
         raise ValueError(f"{len(sizes)} patch sizes {sizes} but {len(probs)} probabilities {probs}")
     if any(p < 0 for p in probs) or not math.isclose(sum(probs), 1.0, abs_tol=1e-6):

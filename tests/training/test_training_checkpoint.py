@@ -1,3 +1,4 @@
+import errno
 import json
 
 import pytest
@@ -7,12 +8,16 @@ from tests.conftest import tiny_config
 from patchdiff.config import TrainConfig
 from patchdiff.generation import build_denoiser, load
 from patchdiff.training.checkpoint import (
+    StateError,
+    check_state,
     find_resume_state,
     load_state,
     newest_snapshot,
     read_snapshot,
+    remove_temporaries,
     save_snapshot,
     save_state,
+    truncate_stats,
 )
 
 
@@ -54,10 +59,55 @@ def test_state_loads_with_weights_only_and_resume_lookup(tmp_path):
     assert find_resume_state(str(run), tmp_path) == run / "state.pt"
     with pytest.raises(FileNotFoundError, match="--resume"):
         find_resume_state(str(tmp_path / "missing"), tmp_path)
-    with pytest.raises(FileNotFoundError, match="auto"):
-        find_resume_state("auto", tmp_path / "empty")
-    # A state that smuggles code is refused by weights_only loading.
+    assert find_resume_state("auto", tmp_path / "empty") is None  # auto starts fresh when nothing exists
+    # A state that smuggles code is refused by weights_only loading, with a one-line message.
     evil = tmp_path / "evil.pt"
     torch.save({"f": print}, evil)
-    with pytest.raises(Exception):  # noqa: B017 (torch raises UnpicklingError)
+    with pytest.raises(StateError, match=r"evil\.pt is not a patchdiff training state") as info:
         load_state(evil)
+    assert "\n" not in str(info.value)
+
+
+def test_a_new_state_replaces_the_old_one_only_when_complete(tmp_path, monkeypatch):
+    path = tmp_path / "state.pt"
+    save_state(path, dict(w=torch.zeros(1)))
+    save_state(path, dict(w=torch.ones(1)))
+    assert load_state(path)["w"].item() == 1 and load_state(tmp_path / "state.pt.prev")["w"].item() == 0
+    # A crash between the two renames leaves only state.pt.prev, which resuming finds.
+    path.unlink()
+    assert find_resume_state(str(tmp_path), tmp_path) == tmp_path / "state.pt.prev"
+    save_state(path, dict(w=torch.ones(1)))
+
+    def disk_full(obj, f):
+        f.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(RuntimeError, match="No space left on device; the previous state is kept"):
+        save_state(path, dict(w=torch.full((1,), 2.0)))
+    assert load_state(path)["w"].item() == 1 and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_damaged_states_are_named(tmp_path):
+    empty, junk, short = tmp_path / "empty.pt", tmp_path / "junk.pt", tmp_path / "short.pt"
+    empty.write_bytes(b"")
+    junk.write_bytes(b"hello")
+    save_state(short, dict(w=torch.ones(1000)))
+    short.write_bytes(short.read_bytes()[:500])
+    for path in (empty, junk, short):
+        with pytest.raises(StateError, match=path.name) as info:
+            load_state(path)
+        assert "\n" not in str(info.value)
+    with pytest.raises(StateError, match="lacks config, denoiser"):
+        check_state(junk, {"w": 1})
+
+
+def test_stale_temporaries_and_lost_stats_are_cleaned(tmp_path):
+    (tmp_path / ".state.pt.new.abc.tmp").write_bytes(b"x")
+    (tmp_path / "keep.txt").write_text("x")
+    assert [p.name for p in remove_temporaries(tmp_path)] == [".state.pt.new.abc.tmp"]
+    stats = tmp_path / "stats.jsonl"
+    stats.write_text('{"kind": "tick", "step": 5}\n{"kind": "tick", "step": 10}\n{"kind": "tick", "st')
+    assert truncate_stats(stats, 5) == 2
+    assert stats.read_text() == '{"kind": "tick", "step": 5}\n'
+    assert truncate_stats(stats, 5) == 0

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
+import sys
 
 from patchdiff.config import LossConfig, PatchConfig, TrainConfig, network_preset
 
@@ -92,6 +95,18 @@ def add_parser(subparsers) -> None:
     g.add_argument("--tick", type=float, default=50, help="log every this many kimg")
     g.add_argument("--snap", type=int, default=50, help="snapshot every this many ticks")
     g.add_argument(
+        "--checkpoint",
+        type=float,
+        default=0.0,
+        help="also write the resumable state every this many kimg (0 = only the clock and snapshots)",
+    )
+    g.add_argument(
+        "--checkpoint-minutes",
+        type=float,
+        default=10.0,
+        help="write the resumable state at least this often (0 = off): a crash loses at most this much",
+    )
+    g.add_argument(
         "--grid", type=int, default=64, help="images in the sample grid at each snapshot (0 = none)"
     )
     g.add_argument("--metrics", default="", help="metrics at snapshots, e.g. fid,kid")
@@ -103,7 +118,9 @@ def add_parser(subparsers) -> None:
         "--metric-ref", default="", help="reference statistics .npz (default: computed from --data once)"
     )
     g.add_argument(
-        "--resume", help="a training state file, a run directory, or 'auto' (the newest under --outdir)"
+        "--resume",
+        help="a training state file, a run directory, or 'auto' (the newest run under --outdir, or a new "
+        "run when there is none). A resumed run keeps its saved settings; flags given now override them",
     )
     g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -111,6 +128,57 @@ def add_parser(subparsers) -> None:
         "--dry-run", action="store_true", help="print the resolved config and parameter count, write nothing"
     )
     p.set_defaults(func=run)
+    # Record the defaults and parse every flag to None, so that a resumed run can tell the flags given
+    # on this command line (which override its saved settings) from defaults (which must not).
+    for action in p._actions:
+        if action.dest not in ("help", "func") and action.default is not argparse.SUPPRESS:
+            DEFAULTS[action.dest] = action.default
+            action.default = None
+
+
+DEFAULTS: dict = {}
+# Flags that set a TrainConfig field of another name; a flag named like its field needs no entry, and
+# flags that are not settings (--resume, --grid, --device, ...) have none.
+FIELD_OF_FLAG = {
+    "arch": "network.arch",
+    "cbase": "network.model_channels",
+    "cres": "network.channel_mult",
+    "blocks": "network.num_blocks",
+    "attn": "network.attn_resolutions",
+    "dropout": "network.dropout",
+    "label_dropout": "network.label_dropout",
+    "patch_schedule": "patch.schedule",
+    "real_p": "patch.real_p",
+    "patch_sizes": "patch.sizes",
+    "patch_probs": "patch.probs",
+    "batch_mult": "patch.batch_mult",
+    "latent": "patch.latent",
+    "no_coords": "patch.coords",
+    "duration": "duration_kimg",
+    "lr_rampup": "lr_rampup_kimg",
+    "ema": "ema_halflife_kimg",
+    "ema_rampup": "ema_rampup_ratio",
+    "P_mean": "loss.P_mean",
+    "P_std": "loss.P_std",
+    "tick": "tick_kimg",
+    "snap": "snap_ticks",
+    "checkpoint": "checkpoint_kimg",
+    "no_cache": "cache",
+}
+
+
+def explicit_fields(args: argparse.Namespace) -> frozenset[str]:
+    """The TrainConfig field paths set by flags given on the command line; fills in the defaults."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = set()
+    for dest, default in DEFAULTS.items():
+        if getattr(args, dest, None) is None:
+            setattr(args, dest, default)
+        else:
+            path = FIELD_OF_FLAG.get(dest, dest)
+            if "." in path or path in fields:
+                given.add(path)
+    return frozenset(given)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -158,21 +226,34 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         detector=args.detector,
         metric_ref=args.metric_ref,
         grad_clip=args.grad_clip,
+        checkpoint_kimg=args.checkpoint,
+        checkpoint_minutes=args.checkpoint_minutes,
     )
 
 
 def run(args: argparse.Namespace) -> int:
     from patchdiff.training.loop import train
+    from patchdiff.training.signals import RunInterruptedError
 
+    given = explicit_fields(args)
     cfg = config_from_args(args)
-    run_dir = train(
-        cfg,
-        resume=args.resume,
-        progress=not args.no_progress,
-        device=args.device,
-        dry_run=args.dry_run,
-        grid=args.grid,
-    )
+    try:
+        run_dir = train(
+            cfg,
+            resume=args.resume,
+            progress=not args.no_progress,
+            device=args.device,
+            dry_run=args.dry_run,
+            grid=args.grid,
+            overrides=given,
+        )
+    except RunInterruptedError as stop:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"patchdiff train: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except OSError as error:  # an unwritable folder or a full disk: one line, not a traceback
+        name = f" {error.filename}" if error.filename else ""
+        raise RuntimeError(f"cannot write{name}: {error.strerror or error}") from None
     if run_dir is not None:
         print(f"done: {run_dir}")
     return 0

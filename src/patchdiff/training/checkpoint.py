@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import tempfile
 from pathlib import Path
@@ -87,28 +88,109 @@ def newest_snapshot(run_dir: str | os.PathLike) -> Path:
     return snaps[-1][1]
 
 
+STATE_KEYS = ("config", "denoiser", "ema", "optimizer", "counters")
+
+
+class StateError(ValueError):
+    """A training state that cannot be used; the message names the file."""
+
+
 def save_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    """Write the state next to the old one, flush it to disk, then rename: the old state is kept as
+    `state.pt.prev` until the new one is complete, and a full disk leaves the old state in place."""
+    path = Path(path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    try:
+        atomic_write(path.with_name(path.name + ".new"), write)
+    except OSError as error:
+        raise RuntimeError(
+            f"could not write the training state {path}: {error.strerror or error}; "
+            f"the previous state is kept{'' if path.is_file() else ' (there is none yet)'}"
+        ) from error
+    if path.is_file():  # a crash between these two renames leaves state.pt.prev, which resume finds
+        os.replace(path, path.with_name(path.name + ".prev"))
+    os.replace(path.with_name(path.name + ".new"), path)
 
 
 def load_state(path: str | os.PathLike) -> dict[str, Any]:
+    """A training state, loaded without running code; every problem is a one-line StateError."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"training state {path} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Unsupported global" in str(error):  # it names code to run: refused
+            raise StateError(f"{path} is not a patchdiff training state (it holds code, refused)") from None
+        raise StateError(f"{path} is damaged or not a training state ({_first_line(error)})") from None
+    except Exception as error:  # the unpickler raises KeyError, EOFError, RuntimeError... on damage
+        raise StateError(f"{path} is damaged or not a training state ({_first_line(error)})") from None
+    if not isinstance(state, dict):
+        raise StateError(f"{path} is not a patchdiff training state (a {type(state).__name__})")
+    return state
 
 
-def find_resume_state(resume: str, outdir: str | os.PathLike) -> Path:
-    """--resume PATH (a state file or a run directory) or --resume auto (the newest state under outdir)."""
+def check_state(path: Path, state: dict[str, Any]) -> None:
+    """The keys a run needs to resume; an older or foreign file fails here, not half-way through set-up."""
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing:
+        raise StateError(f"{path} is not a patchdiff training state: it lacks {', '.join(missing)}")
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
+def state_in(run_dir: Path) -> Path | None:
+    """A run's state: state.pt, or state.pt.prev when a crash fell between the two renames."""
+    for name in (STATE_NAME, STATE_NAME + ".prev"):
+        if (run_dir / name).is_file():
+            return run_dir / name
+    return None
+
+
+def find_resume_state(resume: str, outdir: str | os.PathLike) -> Path | None:
+    """--resume PATH (a state file or a run directory) or --resume auto: the newest state under outdir,
+    or None when there is none yet (the run starts fresh, so job scripts can always pass auto)."""
     if resume != "auto":
         p = Path(resume)
-        p = p / STATE_NAME if p.is_dir() else p
-        if not p.is_file():
+        found = state_in(p) if p.is_dir() else (p if p.is_file() else None)
+        if found is None:
             raise FileNotFoundError(f"--resume {resume}: no training state at {p}")
-        return p
-    states = [p for p in Path(outdir).glob(f"*/{STATE_NAME}") if p.is_file()]
-    if not states:
-        raise FileNotFoundError(
-            f"--resume auto: no run under {outdir} has a {STATE_NAME} yet; start without --resume"
-        )
-    return max(states, key=lambda p: p.stat().st_mtime)
+        return found
+    outdir = Path(outdir)
+    states = [s for d in outdir.glob("*/") if d.is_dir() and (s := state_in(d))] if outdir.is_dir() else []
+    return max(states, key=lambda p: p.stat().st_mtime) if states else None
+
+
+def remove_temporaries(run_dir: Path) -> list[Path]:
+    """Half-written files a killed run left behind (atomic writes use `.NAME.*.tmp`)."""
+    stale = [p for p in run_dir.glob(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def truncate_stats(path: Path, step: int) -> int:
+    """Drop records past `step` (work lost by a crash, to be redone) and torn lines; returns the count."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            ok = json.loads(line).get("step", 0) <= step
+        except (json.JSONDecodeError, AttributeError):
+            ok = False
+        if ok:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+    return dropped

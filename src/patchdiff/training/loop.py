@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import json
 import math
 import resource
@@ -32,14 +31,30 @@ from patchdiff.networks import count_parameters
 from patchdiff.patching import PatchSchedule, random_patches, resolve_schedule
 from patchdiff.training.checkpoint import (
     STATE_NAME,
+    StateError,
     atomic_write,
+    check_state,
     find_resume_state,
     load_state,
+    remove_temporaries,
     save_snapshot,
     save_state,
+    state_in,
+    truncate_stats,
 )
 from patchdiff.training.ema import ema_beta, update_ema
-from patchdiff.training.setup import batch_split, make_plan, new_run_dir, resolve
+from patchdiff.training.faults import Faults
+from patchdiff.training.lock import RunLock, RunLockedError
+from patchdiff.training.setup import (
+    batch_split,
+    check_config,
+    check_outdir,
+    make_plan,
+    merge_resumed,
+    new_run_dir,
+    resolve,
+)
+from patchdiff.training.signals import RunInterruptedError, StopRequests, signal_name
 from patchdiff.training.stream import StepPlan, StreamSampler, step_seed
 
 __all__ = ["NonFiniteLossError", "batch_split", "make_plan", "resolve", "train", "train_step"]
@@ -49,7 +64,8 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-# Settings a resumed run takes from the command line; everything else comes from its saved config.
+# What a library call `train(cfg, resume=...)` takes from `cfg` when resuming; everything else comes
+# from the saved config. The CLI passes the flags given on its command line instead.
 RUN_CONTROL = (
     "data",  # the same images may have moved
     "duration_kimg",
@@ -62,6 +78,8 @@ RUN_CONTROL = (
     "detector",
     "metric_ref",
     "max_bad_steps",
+    "checkpoint_kimg",
+    "checkpoint_minutes",
 )
 
 
@@ -124,7 +142,7 @@ def train_step(
     return loss_sum, n
 
 
-@dataclass(frozen=True)
+@dataclass
 class Setup:
     """What a run decides before it builds anything: config, data, crop sizes, plan, resumed state."""
 
@@ -134,72 +152,123 @@ class Setup:
     plan: StepPlan
     batch_gpu: int
     rounds: int
-    state: dict | None
-    state_path: Path | None
+    state: dict | None = None
+    state_path: Path | None = None
+    counters: dict | None = None
+    changes: tuple[str, ...] = ()
+    lock: RunLock | None = None
 
 
-def prepare(cfg: TrainConfig, resume: str | None, world: int) -> Setup:
-    """Check everything that can be checked before anything is written."""
-    state_path = find_resume_state(resume, cfg.outdir) if resume else None
-    state = load_state(state_path) if state_path else None
-    if state is not None:  # a resumed run keeps what defines its training; run control may change
+def read_resumed(
+    state_path: Path, given: TrainConfig, overrides
+) -> tuple[dict, dict, TrainConfig, list[str]]:
+    """(state, counters, effective config, changed settings) of a run to resume."""
+    state = load_state(state_path)
+    check_state(state_path, state)
+    try:
         saved = from_json(TrainConfig, state["config"])
-        cfg = dataclasses.replace(saved, **{name: getattr(cfg, name) for name in RUN_CONTROL})
-    dataset = ImageDataset(cfg.data, xflip=cfg.xflip, cache=cfg.cache)
-    cfg = resolve(cfg, dataset)
-    schedule = resolve_schedule(cfg.patch, tuple(cfg.image_size), cfg.network.min_crop)
-    batch_gpu, rounds = batch_split(cfg, world)
-    if cfg.metrics:
-        from patchdiff.metrics import parse_metric_names
+        counters = json.loads(state["counters"])
+        counters["step"], counters["position"]
+    except (ValueError, TypeError, KeyError) as error:
+        raise StateError(f"{state_path} holds an unreadable config or counters ({error})") from None
+    cfg, changes = merge_resumed(saved, given, RUN_CONTROL if overrides is None else overrides)
+    return state, counters, cfg, changes
 
-        parse_metric_names(cfg.metrics)  # fail before training, not at the first snapshot
-    plan = make_plan(cfg, schedule, batch_gpu, rounds, world)
-    return Setup(cfg, dataset, schedule, plan, batch_gpu, rounds, state, state_path)
+
+def prepare(cfg: TrainConfig, resume: str | None, world: int, overrides=None, lock: bool = False) -> Setup:
+    """Check everything that can be checked before anything is written; with `lock`, rank 0 holds the
+    resumed run's directory from before its state is read until the run ends."""
+    check_config(cfg)
+    check_outdir(cfg.outdir)
+    state_path = find_resume_state(resume, cfg.outdir) if resume else None
+    run_lock, error = None, None
+    if state_path is not None and lock and dist.is_main():
+        try:
+            run_lock = RunLock(state_path.parent).acquire()
+        except RunLockedError as e:
+            error = e
+    if lock:
+        dist.agree_on_error(error)
+    try:
+        state, counters, changes = None, None, []
+        if state_path is not None:
+            state, counters, cfg, changes = read_resumed(state_path, cfg, overrides)
+            check_config(cfg)
+        dataset = ImageDataset(cfg.data, xflip=cfg.xflip, cache=cfg.cache)
+        cfg = resolve(cfg, dataset)
+        schedule = resolve_schedule(cfg.patch, tuple(cfg.image_size), cfg.network.min_crop)
+        batch_gpu, rounds = batch_split(cfg, world)
+        if cfg.metrics:
+            from patchdiff.metrics import parse_metric_names
+
+            parse_metric_names(cfg.metrics)  # fail before training, not at the first snapshot
+        bounds = tuple(counters.get("phase_bounds", ())) if counters else ()
+        plan = make_plan(cfg, schedule, batch_gpu, rounds, world, bounds)
+    except BaseException:
+        if run_lock:
+            run_lock.release()
+        raise
+    return Setup(
+        cfg, dataset, schedule, plan, batch_gpu, rounds, state, state_path, counters, tuple(changes), run_lock
+    )
 
 
 class Run:
-    """One training run: built from a Setup, then `loop()` calls `step()` until the plan is done,
-    `tick()` at each tick and `snapshot()` every `snap_ticks` ticks."""
+    """One training run, built from a Setup: `loop()` calls `step()` until the plan is done, `tick()` at
+    each tick (which may `snapshot()`), `checkpoint()` on its own interval, `interrupt()` on a signal."""
 
-    def __init__(self, setup: Setup, dev: torch.device, progress: bool, grid: int):
+    def __init__(self, setup: Setup, dev: torch.device, progress: bool, grid: int, stop: StopRequests):
         self.cfg, self.schedule, self.plan = cfg, schedule, plan = setup.cfg, setup.schedule, setup.plan
-        self.dev, self.progress, self.grid, self.rounds = dev, progress, grid, setup.rounds
+        self.dev, self.progress, self.grid, self.rounds, self.stop = dev, progress, grid, setup.rounds, stop
         self.rank, self.world, self.main = dist.rank(), dist.world_size(), dist.is_main()
-        state = setup.state
+        self.lock, state = setup.lock, setup.state
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every process and every run
         self.denoiser = build_denoiser(cfg).to(dev)
         self.ema = copy.deepcopy(self.denoiser).eval().requires_grad_(False)
         self.optimizer = torch.optim.Adam(self.denoiser.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=cfg.precision == "fp16")
         self.counters = dict(step=0, position=0, images=0, time_s=0.0, crops={}, steps_by_size={})
         if state is not None:
-            self.denoiser.load_state_dict(state["denoiser"])
-            self.ema.load_state_dict(state["ema"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.counters = json.loads(state["counters"])
-            run_dir = setup.state_path.parent  # the run continues in place, wherever it was moved to
-        else:
-            run_dir = new_run_dir(cfg) if self.main else None
-        self.run_dir = Path(dist.broadcast_object(str(run_dir)))
+            try:
+                self.denoiser.load_state_dict(state["denoiser"])
+                self.ema.load_state_dict(state["ema"])
+                self.optimizer.load_state_dict(state["optimizer"])
+                if state.get("scaler"):
+                    self.scaler.load_state_dict(state["scaler"])
+            except (RuntimeError, ValueError, KeyError) as error:
+                msg = str(error).strip().splitlines()[0][:200]
+                raise StateError(
+                    f"{setup.state_path} does not fit the network of its config ({msg})"
+                ) from None
+            self.counters = setup.counters
+        # Progressive phases are fixed for the run's life, whatever a resumed command line says.
+        self.counters["phase_bounds"] = plan.phase_bounds
+        self.run_dir = self.open_run_dir(setup)
+        self.at_step = self.state_step = self.counters["step"]
         self.stats_path = self.run_dir / "stats.jsonl"
         self.log_file = open(self.run_dir / "log.txt", "a") if self.main else None  # noqa: SIM115 (kept open)
         if self.main:
             atomic_write(self.run_dir / "config.json", lambda tmp: Path(tmp).write_text(to_json(cfg)))
         self.log(
-            f"{'resuming' if state else 'starting'} {self.run_dir} at step {self.counters['step']} on "
+            f"{'resuming' if state else 'starting'} {self.run_dir} at step {self.at_step} on "
             f"{self.world} x {dev}; {count_parameters(self.denoiser.net):,} parameters; crop sizes "
             f"{schedule.sizes}; {plan.total_steps} steps of {plan.expected_images:.1f} images (expected)"
         )
+        for change in setup.changes:
+            self.log(f"resume: {change} (from the command line)")
+        if state is not None and self.main:
+            dropped = truncate_stats(self.stats_path, self.at_step)
+            if dropped:
+                self.log(
+                    f"resume: dropped {dropped} stats.jsonl records past step {self.at_step} (lost work)"
+                )
 
         self.ddp = self.denoiser
         if self.world > 1:
             self.ddp = DistributedDataParallel(
                 self.denoiser, device_ids=[dev] if dev.type == "cuda" else None, broadcast_buffers=False
             )
-        self.scaler = torch.amp.GradScaler(dev.type, enabled=cfg.precision == "fp16")
-        if state is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.at_step = self.counters["step"]
         sampler = StreamSampler(
             len(setup.dataset),
             plan,
@@ -221,12 +290,17 @@ class Run:
         self.batches = iter(loader)
         self.model = Model(self.ema, cfg, dev)
         self.metric_cache: dict = {}
-        # Device-side accumulators, read only at ticks: no host sync in the hot loop.
+        self.faults = Faults(self.rank)
+        self.host_group = dist.host_group()
+        # Device-side accumulators, read only at ticks and checkpoints: no host sync in the hot loop.
         self.loss_sum = torch.zeros((), device=dev)
         self.bad_streak = torch.zeros((), device=dev)
         self.worst_streak = torch.zeros((), device=dev)
         self.ticks_done = 0
-        self.next_tick = self.tick_after(plan.nimg(self.at_step) / 1000)
+        kimg = plan.nimg(self.at_step) / 1000
+        self.next_tick = self.after(kimg, cfg.tick_kimg)
+        self.next_checkpoint = self.after(kimg, cfg.checkpoint_kimg) if cfg.checkpoint_kimg else math.inf
+        self.checkpoint_time = time.time()
         self.tick_steps, self.tick_start, self.tick_nimg = 0, time.time(), plan.nimg(self.at_step)
         self.bar = tqdm(
             total=plan.total_steps,
@@ -236,6 +310,17 @@ class Run:
             dynamic_ncols=True,
         )
 
+    def open_run_dir(self, setup: Setup) -> Path:
+        """The resumed run's folder (rank 0 already holds its lock), or a new one, locked by rank 0."""
+        if setup.state_path is not None:
+            run_dir = setup.state_path.parent  # the run continues in place, wherever it was moved to
+            if self.main:
+                remove_temporaries(run_dir)
+        elif self.main:
+            run_dir = new_run_dir(self.cfg)
+            self.lock = RunLock(run_dir).acquire()
+        return Path(dist.broadcast_object(str(run_dir) if self.main else None))
+
     # ------------------------------------------------------------------ small helpers
 
     def log(self, msg: str) -> None:
@@ -244,8 +329,9 @@ class Run:
             self.log_file.write(msg + "\n")
             self.log_file.flush()
 
-    def tick_after(self, kimg: float) -> float:
-        return (math.floor(kimg / self.cfg.tick_kimg) + 1) * self.cfg.tick_kimg
+    @staticmethod
+    def after(kimg: float, interval: float) -> float:
+        return (math.floor(kimg / interval) + 1) * interval
 
     def append_stats(self, record: dict) -> None:
         if self.main:
@@ -257,6 +343,8 @@ class Run:
         del self.batches
         if self.log_file:
             self.log_file.close()
+        if self.lock:
+            self.lock.release()
 
     # ------------------------------------------------------------------ the loop
 
@@ -264,8 +352,29 @@ class Run:
         while self.at_step < self.plan.total_steps:
             self.step()
             done = self.at_step >= self.plan.total_steps
-            if self.plan.nimg(self.at_step) / 1000 >= self.next_tick or done:
+            signum, clock_due = self.requests()
+            kimg = self.plan.nimg(self.at_step) / 1000
+            if kimg >= self.next_tick or done:
                 self.tick(done)
+            if not done and (clock_due or kimg >= self.next_checkpoint) and self.state_step != self.at_step:
+                self.checkpoint()
+            if signum and not done:
+                self.interrupt(signum)
+
+    def requests(self) -> tuple[int, bool]:
+        """(stop signal, checkpoint due by the clock), the same on every rank.
+
+        A signal may reach one rank only (Ctrl-C on one node) and each rank has its own clock, so the
+        ranks agree on both with one all-reduce of two integers per step. It runs on a CPU (gloo)
+        group: it waits only for the other hosts to finish enqueuing this step, never for the GPU, so
+        the hot loop stays free of device syncs; a few tens of microseconds next to a step of tens of
+        milliseconds. Checking every few steps instead would save little and delay a preempted job."""
+        minutes = self.cfg.checkpoint_minutes
+        clock_due = int(self.main and minutes > 0 and time.time() - self.checkpoint_time >= minutes * 60)
+        if self.world == 1:
+            return self.stop.signum, bool(clock_due)
+        flags = dist.all_reduce_max(torch.tensor([self.stop.signum, clock_due]), self.host_group)
+        return int(flags[0]), bool(flags[1])
 
     def step(self) -> None:
         cfg, plan, step = self.cfg, self.plan, self.at_step
@@ -287,6 +396,7 @@ class Run:
             self.dev,
             self.rounds,
         )
+        loss = self.faults.after_step(step, self.schedule.sizes[index], loss)
         self.loss_sum += loss
         self.bad_streak = (self.bad_streak + 1) * (~torch.isfinite(loss))
         self.worst_streak = torch.maximum(self.worst_streak, self.bad_streak)
@@ -302,16 +412,24 @@ class Run:
         self.tick_steps += 1
         self.bar.update(1)
 
+    def streaks(self) -> tuple[int, int]:
+        """(current, worst since the last tick) non-finite streaks, the maximum over ranks: one rank's
+        fp16 overflow must stop (or hold back the state of) every rank at the same step."""
+        both = dist.all_reduce_max(torch.stack([self.bad_streak, self.worst_streak]))
+        return int(both[0].item()), int(both[1].item())
+
     def tick(self, done: bool) -> None:
         cfg, step, c = self.cfg, self.at_step, self.counters
         now = time.time()
         c["time_s"] += now - self.tick_start
         loss_mean = dist.all_reduce_mean(self.loss_sum / self.tick_steps).item()
-        if dist.all_reduce_mean(self.worst_streak).item() >= cfg.max_bad_steps:
+        bad, worst = self.streaks()
+        if worst >= cfg.max_bad_steps:
+            state = state_in(self.run_dir)
             raise NonFiniteLossError(
                 f"the loss was non-finite for {cfg.max_bad_steps} steps in a row at step {step}; "
-                f"the last good state is {self.run_dir / STATE_NAME}. Lower --lr, use --precision fp32, "
-                f"or check the data"
+                + (f"the last good state is {state}" if state else "no training state was written yet")
+                + ". Lower --lr, use --precision fp32, or check the data"
             )
         kimg = self.plan.nimg(step) / 1000
         dk = kimg - self.tick_nimg / 1000
@@ -337,17 +455,14 @@ class Run:
         self.bar.set_postfix(kimg=f"{kimg:.1f}", loss=f"{loss_mean:.4f}")
         self.ticks_done += 1
         if done or (cfg.snap_ticks > 0 and self.ticks_done % cfg.snap_ticks == 0):
-            if self.bad_streak.item() == 0:
+            if bad == 0:
                 self.snapshot()
             else:  # never overwrite the last good state with one taken mid-way through a bad streak
-                self.log(
-                    f"skipping the snapshot at step {step}: the last {int(self.bad_streak.item())} losses "
-                    f"were non-finite"
-                )
+                self.log(f"skipping the snapshot at step {step}: the last {bad} losses were non-finite")
         self.loss_sum.zero_()
         self.worst_streak.zero_()
         self.tick_steps, self.tick_start, self.tick_nimg = 0, time.time(), self.plan.nimg(step)
-        self.next_tick = self.tick_after(kimg)
+        self.next_tick = self.after(kimg, cfg.tick_kimg)
 
     # ------------------------------------------------------------------ writing
 
@@ -361,16 +476,59 @@ class Run:
             counters=json.dumps(self.counters),
         )
 
+    def write_state(self) -> None:
+        """Rank 0 writes; every rank learns whether that worked (so a full disk stops all of them)."""
+        error = None
+        if self.main:
+            try:
+                save_state(self.run_dir / STATE_NAME, self.state_dict())
+            except RuntimeError as e:
+                error = e
+        dist.agree_on_error(error)
+        kimg = self.plan.nimg(self.at_step) / 1000
+        self.state_step, self.checkpoint_time = self.at_step, time.time()
+        if self.cfg.checkpoint_kimg:
+            self.next_checkpoint = self.after(kimg, self.cfg.checkpoint_kimg)
+
+    def checkpoint(self) -> bool:
+        """The resumable state between snapshots; held back while the losses are non-finite."""
+        bad, _ = self.streaks()
+        if bad:
+            self.log(f"skipping the checkpoint at step {self.at_step}: the last {bad} losses were non-finite")
+            return False
+        self.write_state()
+        return True
+
+    def interrupt(self, signum: int) -> None:
+        """Stop at this step boundary: save the state, then leave with one line on how to resume."""
+        saved = self.state_step == self.at_step or self.checkpoint()
+        state = state_in(self.run_dir)
+        where = (
+            f"the state is saved in {state}"
+            if saved
+            else f"the losses were non-finite, so the last good state {state or '(none)'} was kept"
+        )
+        self.log(f"stopped by {signal_name(signum)} at step {self.at_step}")
+        raise RunInterruptedError(
+            f"stopped by {signal_name(signum)} at step {self.at_step}; {where}; "
+            f"continue with the same command plus --resume {self.run_dir}",
+            signum,
+        )
+
     def snapshot(self) -> None:
         step, name = self.at_step, f"{self.at_step:08d}"
+        error = None
         if self.main:
             kimg = self.plan.nimg(step) / 1000
-            save_snapshot(
-                self.run_dir / f"snapshot-{name}.safetensors", self.ema, self.cfg, step=step, kimg=kimg
-            )
-            save_state(self.run_dir / STATE_NAME, self.state_dict())
-            if self.grid:  # after the state: a failure while sampling cannot cost the resumable state
-                write_grid(self.model, self.run_dir / f"grid-{name}.png", self.grid)
+            path = self.run_dir / f"snapshot-{name}.safetensors"
+            try:
+                save_snapshot(path, self.ema, self.cfg, step=step, kimg=kimg)
+            except OSError as e:
+                error = RuntimeError(f"could not write the snapshot {path}: {e.strerror or e}")
+        dist.agree_on_error(error)
+        self.write_state()
+        if self.main and self.grid:  # after the state: a failure while sampling cannot cost the state
+            write_grid(self.model, self.run_dir / f"grid-{name}.png", self.grid)
         if self.cfg.metrics:
             self.evaluate_metrics()
         dist.barrier()
@@ -434,14 +592,26 @@ def train(
     device: str | None = None,
     dry_run: bool = False,
     grid: int = 64,
+    overrides=None,
 ) -> Path | None:
-    """Train as configured; returns the run directory (None for a dry run)."""
+    """Train as configured; returns the run directory (None for a dry run).
+
+    resume: a state file, a run directory, or "auto" (the newest run under cfg.outdir, or a fresh run
+    when there is none). A resumed run keeps its saved config except for the field paths in `overrides`
+    (the CLI passes the flags given on its command line; None means RUN_CONTROL)."""
     dev = dist.init_from_env(device)
-    setup = prepare(cfg, resume, dist.world_size())
+    if cfg.precision == "fp32":  # fp32 means fp32: no TF32 matmuls or convolutions (as EDM does)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    setup = prepare(cfg, resume, dist.world_size(), overrides, lock=not dry_run)
     if dry_run:
         if dist.is_main():
             cfg, schedule, plan = setup.cfg, setup.schedule, setup.plan
             torch.manual_seed(cfg.seed)
+            if setup.state_path:
+                print(f"resuming {setup.state_path} at step {setup.counters['step']}; the effective config:")
+            for change in setup.changes:
+                print(f"resume: {change} (from the command line)")
             print(to_json(cfg))
             print(f"parameters: {count_parameters(build_denoiser(cfg).net):,}")
             print(
@@ -449,9 +619,15 @@ def train(
                 f"{plan.images_per_step}, expected {plan.expected_images:.1f}, {plan.total_steps} steps"
             )
         return None
-    run = Run(setup, dev, progress, grid)
-    try:
-        run.loop()
-    finally:
-        run.close()
+    with StopRequests() as stop:
+        try:
+            run = Run(setup, dev, progress, grid, stop)
+        except BaseException:
+            if setup.lock:
+                setup.lock.release()
+            raise
+        try:
+            run.loop()
+        finally:
+            run.close()
     return run.run_dir

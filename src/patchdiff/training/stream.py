@@ -44,16 +44,22 @@ class StepPlan:
     seed: int
     images_per_step: tuple[int, ...]  # per crop size: all processes and accumulation rounds together
     duration_nimg: float
+    saved_bounds: tuple[int, ...] = ()  # a resumed run's phase boundaries: its phases never move
 
     @property
     def phase_bounds(self) -> list[int]:
         """Progressive schedule: the first step of each later phase (phase i covers share probs[i] of
-        the images)."""
+        the images); the last phase lasts until the duration is reached. A resumed run keeps its
+        earlier boundaries even when its duration changes, so only the last phase grows or shrinks."""
         bounds, total = [], 0
-        for p, n in zip(self.schedule.probs, self.images_per_step, strict=True):
+        for p, n in zip(self.schedule.probs[:-1], self.images_per_step[:-1], strict=True):
             total += math.ceil(p * self.duration_nimg / n)
             bounds.append(total)
-        return bounds
+        if len(self.saved_bounds) == len(self.images_per_step):
+            bounds = list(self.saved_bounds[:-1])
+        seen = sum((b - a) * n for a, b, n in zip([0, *bounds], bounds, self.images_per_step, strict=False))
+        last = max(math.ceil((self.duration_nimg - seen) / self.images_per_step[-1]), 0)
+        return [*bounds, (bounds[-1] if bounds else 0) + last]
 
     @property
     def expected_images(self) -> float:
