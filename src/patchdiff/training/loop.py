@@ -508,12 +508,13 @@ class Run:
             if saved
             else f"the losses were non-finite, so the last good state {state or '(none)'} was kept"
         )
-        self.log(f"stopped by {signal_name(signum)} at step {self.at_step}")
-        raise RunInterruptedError(
+        message = (
             f"stopped by {signal_name(signum)} at step {self.at_step}; {where}; "
-            f"continue with the same command plus --resume {self.run_dir}",
-            signum,
+            f"continue with the same command plus --resume {self.run_dir}"
         )
+        if self.log_file:  # the CLI prints the message: into the log only, so the console gets one line
+            self.log_file.write(message + "\n")
+        raise RunInterruptedError(message, signum)
 
     def snapshot(self) -> None:
         step, name = self.at_step, f"{self.at_step:08d}"
