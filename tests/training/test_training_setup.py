@@ -1,0 +1,74 @@
+"""Set-up checks and resuming: a resumed run keeps every saved setting unless its flag is given."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tests.conftest import TINY_TRAIN_FLAGS, tiny_config
+
+from patchdiff.cli import main
+from patchdiff.config import PatchConfig
+from patchdiff.patching import resolve_schedule
+from patchdiff.training.setup import check_config, field_paths, merge_resumed
+from patchdiff.training.stream import StepPlan
+
+
+def test_merge_resumed_takes_only_the_given_settings():
+    saved = tiny_config("d", "o", duration_kimg=0.2, tick_kimg=0.1, lr=2e-3)
+    given = tiny_config("d", "o", duration_kimg=200_000.0, tick_kimg=50.0, lr=1e-3)
+    cfg, changes = merge_resumed(saved, given, {"lr", "network.dropout"})
+    assert cfg.duration_kimg == 0.2 and cfg.tick_kimg == 0.1 and cfg.lr == 1e-3
+    assert changes == ["lr: 0.002 -> 0.001"]
+    wider = tiny_config("d", "o", network=saved.network.__class__(model_channels=16))
+    with pytest.raises(ValueError, match=r"network\.model_channels is 16 on the command line but 8"):
+        merge_resumed(saved, wider, {"network.model_channels"})
+    assert {"lr", "network.dropout", "patch.sizes", "loss.P_mean"} <= field_paths(saved)
+    check_config(saved)
+
+
+def test_progressive_phases_stay_put_when_the_duration_changes():
+    schedule = resolve_schedule(PatchConfig(schedule="progressive"), (64, 64))
+    per_step = (32, 16, 8)
+    first = StepPlan(schedule, 0, per_step, 10_000)
+    longer = StepPlan(schedule, 0, per_step, 20_000, tuple(first.phase_bounds))
+    assert longer.phase_bounds[:2] == first.phase_bounds[:2]
+    assert longer.phase_bounds[2] > first.phase_bounds[2] and longer.nimg(longer.total_steps) >= 20_000
+    assert [longer.nimg(s) for s in range(first.total_steps)] == [
+        first.nimg(s) for s in range(first.total_steps)
+    ]
+    # Without saved bounds a longer run would move every phase.
+    assert StepPlan(schedule, 0, per_step, 20_000).phase_bounds[0] != first.phase_bounds[0]
+
+
+def test_a_resumed_command_line_keeps_the_saved_settings(landscapes, tmp_path, capsys):
+    outdir = tmp_path / "runs"
+    base = ["train", "--data", str(landscapes), "--outdir", str(outdir), "--no-progress", "--grid", "0"]
+    base += TINY_TRAIN_FLAGS
+    first = ["--duration", "0.05", "--tick", "0.05", "--patch-schedule", "progressive", "--lr", "0.003"]
+    assert main([*base, *first]) == 0
+    (run,) = outdir.iterdir()
+    capsys.readouterr()
+    # Without flags: the effective config is the saved one (not the CLI defaults of 200000 kimg etc.).
+    assert main([*base, "--resume", "auto", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    cfg = json.loads(out[out.index("{") : out.rindex("}") + 1])
+    assert cfg["duration_kimg"] == 0.05 and cfg["tick_kimg"] == 0.05 and cfg["lr"] == 0.003
+    assert cfg["patch"]["schedule"] == "progressive" and "resume:" not in out
+    # A flag given now overrides its setting, and the change is logged.
+    assert main([*base, "--resume", "auto", "--duration", "0.1"]) == 0
+    log = (run / "log.txt").read_text()
+    assert "resume: duration_kimg: 0.05 -> 0.1 (from the command line)" in log
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["duration_kimg"] == 0.1 and saved["tick_kimg"] == 0.05 and saved["lr"] == 0.003
+    ticks = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    assert ticks[-1]["kimg"] >= 0.1 and all(t["lr"] <= 0.003 for t in ticks)
+    # The network cannot change under a resumed run.
+    assert main([*base, "--resume", "auto", "--cbase", "16"]) == 2
+    assert "a resumed run keeps its network" in capsys.readouterr().err
+
+
+def test_patch_probs_apply_to_the_default_sizes(landscapes, tmp_path, capsys):
+    args = ["train", "--data", str(landscapes), "--outdir", str(tmp_path), *TINY_TRAIN_FLAGS]
+    assert main([*args, "--patch-probs", "0.1,0.1,0.8", "--dry-run"]) == 0
+    assert "crop sizes (4, 8, 16) p=(0.1, 0.1, 0.8)" in capsys.readouterr().out
