@@ -69,8 +69,9 @@ def steps_reached(trace: Path) -> int:
     return steps[-1] + 1 if steps else 0
 
 
-def kill_once(cmd: list[str], env: dict, outdir: Path, trace: Path, kind: str, rng: random.Random) -> bool:
-    """Start a run and kill -9 it at a moment of the given kind; False if it finished first."""
+def kill_once(cmd: list[str], env: dict, outdir: Path, trace: Path, kind: str, rng: random.Random) -> str:
+    """Start a run and kill -9 it at a moment of the given kind; returns "" if it finished first, else
+    what the kill hit ("mid-write" when a temporary file of an atomic write existed at the kill)."""
     trace.unlink(missing_ok=True)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -90,11 +91,12 @@ def kill_once(cmd: list[str], env: dict, outdir: Path, trace: Path, kind: str, r
     if proc.poll() is not None:
         if proc.returncode != 0:
             raise SystemExit(f"a resumed run failed (exit {proc.returncode}):\n{proc.stderr.read()[-2000:]}")
-        return False
+        return ""
+    mid_write = any(outdir.glob("*/.*.tmp"))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     proc.stderr.close()
-    return True
+    return "mid-write" if mid_write else "killed"
 
 
 def main() -> int:
@@ -116,25 +118,27 @@ def main() -> int:
     reference = run_to_end(train_command(data, work / "reference", args.duration), env)
     cmd = train_command(data, work / "crashed", args.duration)
     outdir = work / "crashed"
-    survived, lost = 0, []
+    survived, lost, mid_write = 0, [], 0
     for k in range(args.kills):
         kind = KINDS[k % len(KINDS)]
-        if not kill_once(cmd, env, outdir, trace, kind, rng):
+        hit = kill_once(cmd, env, outdir, trace, kind, rng)
+        if not hit:
             print(f"kill {k + 1}: the run finished before the kill; stopping early", flush=True)
             break
         reached, resumed_from = steps_reached(trace), newest_state_step(outdir)
         lost.append(max(reached - resumed_from, 0))
         survived += 1
+        mid_write += hit == "mid-write"
         print(
             f"kill {k + 1:2d} ({kind:8s}): reached step {reached:3d}, state at step {resumed_from:3d}, "
-            f"lost {lost[-1]} steps",
+            f"lost {lost[-1]} steps{' (mid-write)' if hit == 'mid-write' else ''}",
             flush=True,
         )
     final = run_to_end(cmd, env)
     a = load_file(str(sorted(reference.glob("snapshot-*.safetensors"))[-1]))
     b = load_file(str(sorted(final.glob("snapshot-*.safetensors"))[-1]))
     identical = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    print(f"kills survived: {survived}/{args.kills}; every resume succeeded")
+    print(f"kills survived: {survived}/{args.kills} ({mid_write} while a file was being written)")
     if lost:
         print(f"steps lost per kill: mean {sum(lost) / len(lost):.1f}, max {max(lost)}")
     print(f"final EMA weights bit-identical to the uninterrupted run: {'yes' if identical else 'NO'}")

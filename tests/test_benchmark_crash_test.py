@@ -17,7 +17,7 @@ def test_five_kills_resume_to_identical_weights(tmp_path):
     cmd = [sys.executable, str(SCRIPT), "--kills", "5", "--duration", "0.4", "--workdir", str(tmp_path)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
-    assert re.search(r"^kills survived: 5/5", out.stdout, re.M), out.stdout
+    assert re.search(r"^kills survived: 5/5 ", out.stdout, re.M), out.stdout
     assert "bit-identical to the uninterrupted run: yes" in out.stdout
     kinds = set(re.findall(r"^kill +\d+ \((\S+) *\)", out.stdout, re.M))
     assert kinds == {"training", "write", "start-up"}, out.stdout

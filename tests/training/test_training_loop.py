@@ -16,6 +16,7 @@ from patchdiff.data import ImageDataset
 from patchdiff.generation import build_denoiser
 from patchdiff.loss import edm_loss
 from patchdiff.training import loop
+from patchdiff.training import run as run_module
 from patchdiff.training.checkpoint import load_state
 
 
@@ -114,9 +115,15 @@ def test_non_finite_loss_stops_with_the_last_good_state_intact(landscapes, tmp_p
 
     monkeypatch.setattr(loop, "edm_loss", nan_loss)
     cfg = tiny_config(str(landscapes), str(tmp_path), duration_kimg=0.4, max_bad_steps=3)
-    with pytest.raises(loop.NonFiniteLossError, match="non-finite"):
+    with pytest.raises(
+        loop.NonFiniteLossError, match=f"non-finite.*the last good state is {run / 'state.pt'}"
+    ):
         loop.train(cfg, resume="auto", progress=False, grid=0)
     assert (run / "state.pt").read_bytes() == before
+    # A run that never wrote a state says so instead of naming a file that does not exist.
+    fresh = tiny_config(str(landscapes), str(tmp_path / "fresh"), duration_kimg=0.4, max_bad_steps=3)
+    with pytest.raises(loop.NonFiniteLossError, match="no training state was written yet"):
+        loop.train(fresh, progress=False, grid=0)
 
 
 def test_config_errors_name_the_flag(landscapes, tmp_path):
@@ -210,3 +217,26 @@ def test_schedules_precisions_and_the_no_coords_ablation(landscapes, tmp_path, s
         assert 4 in sizes and last["steps_by_size"]["4"] == -(-30 // 32)
     saved = json.loads((run / "config.json").read_text())
     assert saved["network"]["coord_channels"] == (2 if coords else 0) and saved["precision"] == precision
+
+
+@pytest.mark.parametrize("interval", [dict(checkpoint_kimg=0.03), dict(checkpoint_minutes=1e-9)])
+def test_the_state_is_written_between_snapshots(landscapes, tmp_path, monkeypatch, interval):
+    """--checkpoint KIMG and the wall-clock bound write the state on their own, with no snapshot."""
+    written = []
+    original = run_module.Run.write_state
+
+    def spy(self):
+        written.append(self.at_step)
+        original(self)
+
+    monkeypatch.setattr(run_module.Run, "write_state", spy)
+    cfg = tiny_config(
+        str(landscapes), str(tmp_path), duration_kimg=0.1, tick_kimg=1.0, snap_ticks=0, **interval
+    )
+    run = loop.train(cfg, progress=False, grid=0)
+    total = json.loads(load_state(run / "state.pt")["counters"])["step"]
+    if "checkpoint_kimg" in interval:  # every 0.03 kimg = 2 steps of 15.2 images, and the final snapshot
+        assert written == [2, 4, 6, total]
+    else:  # the clock is always due: every step
+        assert written == list(range(1, total + 1))
+    assert len(list(run.glob("snapshot-*.safetensors"))) == 1

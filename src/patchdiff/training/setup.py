@@ -1,17 +1,23 @@
-"""Everything a run decides before its first step: the resolved config, the batch split, the step plan
-and the run directory. Nothing here writes to disk except `new_run_dir`."""
+"""Everything a run decides before its first step: checked flags, the resumed state and the effective
+config, the batch split, the step plan and the run directory. `prepare` checks all of it before anything
+is written (only `new_run_dir` creates a folder, and the run lock a file)."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from patchdiff.config import TrainConfig, to_dict
+from patchdiff import distributed as dist
+from patchdiff.config import TrainConfig, from_json, to_dict
 from patchdiff.data import ImageDataset
-from patchdiff.patching import PatchSchedule
+from patchdiff.patching import PatchSchedule, resolve_schedule
+from patchdiff.training.checkpoint import StateError, check_state, find_resume_state, load_state
+from patchdiff.training.lock import RunLock, RunLockedError
 from patchdiff.training.stream import StepPlan
 
 # Flags whose value must be finite and positive (or >= 0), checked before anything is written.
@@ -153,6 +159,101 @@ def new_run_dir(cfg: TrainConfig) -> Path:
         int(p.name.split("-")[0]) for p in outdir.iterdir() if p.is_dir() and p.name.split("-")[0].isdigit()
     ]
     name = Path(cfg.data.rstrip("/")).stem or "data"
-    run_dir = outdir / f"{max(ids, default=-1) + 1:05d}-{name}-{cfg.network.arch}-{cfg.patch.schedule}"
-    run_dir.mkdir()
-    return run_dir
+    for i in range(max(ids, default=-1) + 1, max(ids, default=-1) + 100):
+        run_dir = outdir / f"{i:05d}-{name}-{cfg.network.arch}-{cfg.patch.schedule}"
+        try:
+            run_dir.mkdir()  # atomic: two runs starting at once take different numbers
+            return run_dir
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"--outdir {outdir}: could not create a new run directory")
+
+
+# What a library call `train(cfg, resume=...)` takes from `cfg` when resuming; everything else comes
+# from the saved config. The CLI passes the flags given on its command line instead.
+RUN_CONTROL = (
+    "data",  # the same images may have moved
+    "duration_kimg",
+    "tick_kimg",
+    "snap_ticks",
+    "workers",
+    "cache",
+    "metrics",
+    "metric_num",
+    "detector",
+    "metric_ref",
+    "max_bad_steps",
+    "checkpoint_kimg",
+    "checkpoint_minutes",
+)
+
+
+@dataclass
+class Setup:
+    """What a run decides before it builds anything: config, data, crop sizes, plan, resumed state."""
+
+    cfg: TrainConfig
+    dataset: ImageDataset
+    schedule: PatchSchedule
+    plan: StepPlan
+    batch_gpu: int
+    rounds: int
+    state: dict | None = None
+    state_path: Path | None = None
+    counters: dict | None = None
+    changes: tuple[str, ...] = ()
+    lock: RunLock | None = None
+
+
+def read_resumed(
+    state_path: Path, given: TrainConfig, overrides
+) -> tuple[dict, dict, TrainConfig, list[str]]:
+    """(state, counters, effective config, changed settings) of a run to resume."""
+    state = load_state(state_path)
+    check_state(state_path, state)
+    try:
+        saved = from_json(TrainConfig, state["config"])
+        counters = json.loads(state["counters"])
+        counters["step"], counters["position"]
+    except (ValueError, TypeError, KeyError) as error:
+        raise StateError(f"{state_path} holds an unreadable config or counters ({error})") from None
+    cfg, changes = merge_resumed(saved, given, RUN_CONTROL if overrides is None else overrides)
+    return state, counters, cfg, changes
+
+
+def prepare(cfg: TrainConfig, resume: str | None, world: int, overrides=None, lock: bool = False) -> Setup:
+    """Check everything that can be checked before anything is written; with `lock`, rank 0 holds the
+    resumed run's directory from before its state is read until the run ends."""
+    check_config(cfg)
+    check_outdir(cfg.outdir)
+    state_path = find_resume_state(resume, cfg.outdir) if resume else None
+    run_lock, error = None, None
+    if state_path is not None and lock and dist.is_main():
+        try:
+            run_lock = RunLock(state_path.parent).acquire()
+        except RunLockedError as e:
+            error = e
+    if lock:
+        dist.agree_on_error(error)
+    try:
+        state, counters, changes = None, None, []
+        if state_path is not None:
+            state, counters, cfg, changes = read_resumed(state_path, cfg, overrides)
+            check_config(cfg)
+        dataset = ImageDataset(cfg.data, xflip=cfg.xflip, cache=cfg.cache)
+        cfg = resolve(cfg, dataset)
+        schedule = resolve_schedule(cfg.patch, tuple(cfg.image_size), cfg.network.min_crop)
+        batch_gpu, rounds = batch_split(cfg, world)
+        if cfg.metrics:
+            from patchdiff.metrics import parse_metric_names
+
+            parse_metric_names(cfg.metrics)  # fail before training, not at the first snapshot
+        bounds = tuple(counters.get("phase_bounds", ())) if counters else ()
+        plan = make_plan(cfg, schedule, batch_gpu, rounds, world, bounds)
+    except BaseException:
+        if run_lock:
+            run_lock.release()
+        raise
+    return Setup(
+        cfg, dataset, schedule, plan, batch_gpu, rounds, state, state_path, counters, tuple(changes), run_lock
+    )

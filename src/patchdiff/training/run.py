@@ -1,0 +1,439 @@
+"""A training run: set-up from a `Setup`, the step loop, ticks, snapshots, checkpoints and stop signals.
+
+`Run.loop()` calls `step()` until the plan is done. After each step the ranks agree on stop requests
+and clock-driven checkpoints (`requests()`); at each tick the losses and non-finite streaks are read
+(the only device syncs), and every `snap_ticks` ticks a snapshot is written with the state.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import resource
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from patchdiff import distributed as dist
+from patchdiff.config import to_json
+from patchdiff.data import ImageDataset
+from patchdiff.generation import Model, build_denoiser, generate, image_grid, to_pil
+from patchdiff.networks import count_parameters
+from patchdiff.training.checkpoint import (
+    STATE_NAME,
+    StateError,
+    atomic_write,
+    remove_temporaries,
+    save_snapshot,
+    save_state,
+    state_in,
+    truncate_stats,
+)
+from patchdiff.training.ema import ema_beta, update_ema
+from patchdiff.training.faults import Faults
+from patchdiff.training.lock import RunLock
+from patchdiff.training.setup import Setup, new_run_dir
+from patchdiff.training.signals import RunInterruptedError, StopRequests, signal_name
+from patchdiff.training.stream import StreamSampler, step_seed
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def write_grid(model: Model, path: Path, num: int, num_steps: int = 18) -> None:
+    images = generate(model, range(num), batch_size=min(num, 64), num_steps=num_steps)
+    atomic_write(path, lambda tmp: to_pil(image_grid(images)).save(tmp, format="PNG"))
+
+
+class Run:
+    """One training run, built from a Setup: `loop()` calls `step()` until the plan is done, `tick()` at
+    each tick (which may `snapshot()`), `checkpoint()` on its own interval, `interrupt()` on a signal."""
+
+    def __init__(
+        self,
+        setup: Setup,
+        dev: torch.device,
+        progress: bool,
+        grid: int,
+        stop: StopRequests,
+        train_step: Callable,
+    ):
+        self.cfg, self.schedule, self.plan = cfg, schedule, plan = setup.cfg, setup.schedule, setup.plan
+        self.dev, self.progress, self.grid, self.rounds, self.stop = dev, progress, grid, setup.rounds, stop
+        self.rank, self.world, self.main = dist.rank(), dist.world_size(), dist.is_main()
+        self.lock, state = setup.lock, setup.state
+        self.train_step = train_step  # training/loop.py's, passed in so that this module stays below it
+
+        torch.manual_seed(cfg.seed)  # the same initial weights on every process and every run
+        self.denoiser = build_denoiser(cfg).to(dev)
+        self.ema = copy.deepcopy(self.denoiser).eval().requires_grad_(False)
+        self.optimizer = torch.optim.Adam(self.denoiser.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=cfg.precision == "fp16")
+        self.counters = dict(step=0, position=0, images=0, time_s=0.0, crops={}, steps_by_size={})
+        if state is not None:
+            try:
+                self.denoiser.load_state_dict(state["denoiser"])
+                self.ema.load_state_dict(state["ema"])
+                self.optimizer.load_state_dict(state["optimizer"])
+                if state.get("scaler"):
+                    self.scaler.load_state_dict(state["scaler"])
+            except (RuntimeError, ValueError, KeyError) as error:
+                msg = str(error).strip().splitlines()[0][:200]
+                raise StateError(
+                    f"{setup.state_path} does not fit the network of its config ({msg})"
+                ) from None
+            self.counters = setup.counters
+        # Progressive phases are fixed for the run's life, whatever a resumed command line says.
+        self.counters["phase_bounds"] = plan.phase_bounds
+        self.run_dir = self.open_run_dir(setup)
+        self.at_step = self.state_step = self.counters["step"]
+        self.stats_path = self.run_dir / "stats.jsonl"
+        self.log_file = open(self.run_dir / "log.txt", "a") if self.main else None  # noqa: SIM115 (kept open)
+        if self.main:
+            atomic_write(self.run_dir / "config.json", lambda tmp: Path(tmp).write_text(to_json(cfg)))
+        self.log(
+            f"{'resuming' if state else 'starting'} {self.run_dir} at step {self.at_step} on "
+            f"{self.world} x {dev}; {count_parameters(self.denoiser.net):,} parameters; crop sizes "
+            f"{schedule.sizes}; {plan.total_steps} steps of {plan.expected_images:.1f} images (expected)"
+        )
+        for change in setup.changes:
+            self.log(f"resume: {change} (from the command line)")
+        if state is not None and self.main:
+            dropped = truncate_stats(self.stats_path, self.at_step)
+            if dropped:
+                self.log(
+                    f"resume: dropped {dropped} stats.jsonl records past step {self.at_step} (lost work)"
+                )
+
+        self.ddp = self.denoiser
+        if self.world > 1:
+            self.ddp = DistributedDataParallel(
+                self.denoiser, device_ids=[dev] if dev.type == "cuda" else None, broadcast_buffers=False
+            )
+        sampler = StreamSampler(
+            len(setup.dataset),
+            plan,
+            setup.batch_gpu,
+            self.rounds,
+            self.rank,
+            self.world,
+            self.at_step,
+            self.counters["position"],
+        )
+        loader = torch.utils.data.DataLoader(
+            setup.dataset,
+            batch_sampler=sampler,
+            num_workers=cfg.workers,
+            pin_memory=dev.type == "cuda",
+            persistent_workers=cfg.workers > 0,
+            prefetch_factor=4 if cfg.workers > 0 else None,
+        )
+        self.batches = iter(loader)
+        self.model = Model(self.ema, cfg, dev)
+        self.metric_cache: dict = {}
+        self.faults = Faults(self.rank)
+        self.host_group = dist.host_group()
+        # Device-side accumulators, read only at ticks and checkpoints: no host sync in the hot loop.
+        self.loss_sum = torch.zeros((), device=dev)
+        self.bad_streak = torch.zeros((), device=dev)
+        self.worst_streak = torch.zeros((), device=dev)
+        self.ticks_done = 0
+        kimg = plan.nimg(self.at_step) / 1000
+        self.next_tick = self.after(kimg, cfg.tick_kimg)
+        self.next_checkpoint = self.after(kimg, cfg.checkpoint_kimg) if cfg.checkpoint_kimg else math.inf
+        self.checkpoint_time = time.time()
+        self.tick_steps, self.tick_start, self.tick_nimg = 0, time.time(), plan.nimg(self.at_step)
+        self.bar = tqdm(
+            total=plan.total_steps,
+            initial=self.at_step,
+            unit="step",
+            disable=not (progress and self.main),
+            dynamic_ncols=True,
+        )
+
+    def open_run_dir(self, setup: Setup) -> Path:
+        """The resumed run's folder (rank 0 already holds its lock), or a new one, locked by rank 0."""
+        if setup.state_path is not None:
+            run_dir = setup.state_path.parent  # the run continues in place, wherever it was moved to
+            if self.main:
+                remove_temporaries(run_dir)
+        elif self.main:
+            run_dir = new_run_dir(self.cfg)
+            self.lock = RunLock(run_dir).acquire()
+        return Path(dist.broadcast_object(str(run_dir) if self.main else None))
+
+    # ------------------------------------------------------------------ small helpers
+
+    def log(self, msg: str) -> None:
+        if self.main:
+            tqdm.write(msg)
+            self.log_file.write(msg + "\n")
+            self.log_file.flush()
+
+    @staticmethod
+    def after(kimg: float, interval: float) -> float:
+        return (math.floor(kimg / interval) + 1) * interval
+
+    def append_stats(self, record: dict) -> None:
+        if self.main:
+            with open(self.stats_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self.bar.close()
+        del self.batches
+        if self.log_file:
+            self.log_file.close()
+        if self.lock:
+            self.lock.release()
+
+    # ------------------------------------------------------------------ the loop
+
+    def loop(self) -> None:
+        while self.at_step < self.plan.total_steps:
+            self.step()
+            done = self.at_step >= self.plan.total_steps
+            signum, clock_due = self.requests()
+            kimg = self.plan.nimg(self.at_step) / 1000
+            if kimg >= self.next_tick or done:
+                self.tick(done)
+            if not done and (clock_due or kimg >= self.next_checkpoint) and self.state_step != self.at_step:
+                self.checkpoint()
+            if signum and not done:
+                self.interrupt(signum)
+
+    def requests(self) -> tuple[int, bool]:
+        """(stop signal, checkpoint due by the clock), the same on every rank.
+
+        A signal may reach one rank only (Ctrl-C on one node) and each rank has its own clock, so the
+        ranks agree on both with one all-reduce of two integers per step. It runs on a CPU (gloo)
+        group: it waits only for the other hosts to finish enqueuing this step, never for the GPU, so
+        the hot loop stays free of device syncs; a few tens of microseconds next to a step of tens of
+        milliseconds. Checking every few steps instead would save little and delay a preempted job."""
+        minutes = self.cfg.checkpoint_minutes
+        clock_due = int(self.main and minutes > 0 and time.time() - self.checkpoint_time >= minutes * 60)
+        if self.world == 1:
+            return self.stop.signum, bool(clock_due)
+        flags = dist.all_reduce_max(torch.tensor([self.stop.signum, clock_due]), self.host_group)
+        return int(flags[0]), bool(flags[1])
+
+    def step(self) -> None:
+        cfg, plan, step = self.cfg, self.plan, self.at_step
+        index = plan.size_index(step)
+        crop = self.schedule.crop_shape(index)
+        torch.manual_seed(step_seed(cfg.seed, self.rank, step))  # crops, sigma, noise, dropout of this step
+        nimg = plan.nimg(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr * min(nimg / max(cfg.lr_rampup_kimg * 1000, 1e-8), 1.0)
+        rounds_data = (next(self.batches) for _ in range(self.rounds))
+        loss, n = self.train_step(
+            self.ddp,
+            self.denoiser,
+            self.optimizer,
+            self.scaler,
+            rounds_data,
+            crop,
+            cfg,
+            self.dev,
+            self.rounds,
+        )
+        loss = self.faults.after_step(step, self.schedule.sizes[index], loss)
+        self.loss_sum += loss
+        self.bad_streak = (self.bad_streak + 1) * (~torch.isfinite(loss))
+        self.worst_streak = torch.maximum(self.worst_streak, self.bad_streak)
+        step_images = plan.nimg(step + 1) - nimg
+        beta = ema_beta(step_images, nimg + step_images, cfg.ema_halflife_kimg, cfg.ema_rampup_ratio)
+        update_ema(self.ema, self.denoiser, beta)
+        c, size, seen = self.counters, str(self.schedule.sizes[index]), n * self.rounds * self.world
+        c["crops"][size] = c["crops"].get(size, 0) + seen
+        c["steps_by_size"][size] = c["steps_by_size"].get(size, 0) + 1
+        c["images"] += seen
+        c["position"] += seen
+        self.at_step = c["step"] = step + 1
+        self.tick_steps += 1
+        self.bar.update(1)
+
+    def streaks(self) -> tuple[int, int]:
+        """(current, worst since the last tick) non-finite streaks, the maximum over ranks: one rank's
+        fp16 overflow must stop (or hold back the state of) every rank at the same step."""
+        both = dist.all_reduce_max(torch.stack([self.bad_streak, self.worst_streak]))
+        return int(both[0].item()), int(both[1].item())
+
+    def tick(self, done: bool) -> None:
+        cfg, step, c = self.cfg, self.at_step, self.counters
+        now = time.time()
+        c["time_s"] += now - self.tick_start
+        loss_mean = dist.all_reduce_mean(self.loss_sum / self.tick_steps).item()
+        bad, worst = self.streaks()
+        if worst >= cfg.max_bad_steps:
+            state = state_in(self.run_dir)
+            raise NonFiniteLossError(
+                f"the loss was non-finite for {cfg.max_bad_steps} steps in a row at step {step}; "
+                + (f"the last good state is {state}" if state else "no training state was written yet")
+                + ". Lower --lr, use --precision fp32, or check the data"
+            )
+        kimg = self.plan.nimg(step) / 1000
+        dk = kimg - self.tick_nimg / 1000
+        record = dict(
+            kind="tick",
+            step=step,
+            kimg=kimg,
+            time_s=c["time_s"],
+            loss=loss_mean,
+            lr=self.optimizer.param_groups[0]["lr"],
+            s_per_kimg=(now - self.tick_start) / max(dk, 1e-9),
+            steps_per_s=self.tick_steps / max(now - self.tick_start, 1e-9),
+            images=c["images"],
+            crops=c["crops"],
+            steps_by_size=c["steps_by_size"],
+            mem_gb=peak_memory_gb(self.dev),
+        )
+        self.append_stats(record)
+        self.log(
+            f"step {step} kimg {kimg:.3f} loss {loss_mean:.4f} sec/kimg {record['s_per_kimg']:.2f} "
+            f"steps/s {record['steps_per_s']:.2f} mem {record['mem_gb']:.2f}GB"
+        )
+        self.bar.set_postfix(kimg=f"{kimg:.1f}", loss=f"{loss_mean:.4f}")
+        self.ticks_done += 1
+        if done or (cfg.snap_ticks > 0 and self.ticks_done % cfg.snap_ticks == 0):
+            if bad == 0:
+                self.snapshot()
+            else:  # never overwrite the last good state with one taken mid-way through a bad streak
+                self.log(f"skipping the snapshot at step {step}: the last {bad} losses were non-finite")
+        self.loss_sum.zero_()
+        self.worst_streak.zero_()
+        self.tick_steps, self.tick_start, self.tick_nimg = 0, time.time(), self.plan.nimg(step)
+        self.next_tick = self.after(kimg, cfg.tick_kimg)
+
+    # ------------------------------------------------------------------ writing
+
+    def state_dict(self) -> dict:
+        return dict(
+            config=to_json(self.cfg),
+            denoiser=self.denoiser.state_dict(),
+            ema=self.ema.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            scaler=self.scaler.state_dict(),
+            counters=json.dumps(self.counters),
+        )
+
+    def write_state(self) -> None:
+        """Rank 0 writes; every rank learns whether that worked (so a full disk stops all of them)."""
+        error = None
+        if self.main:
+            try:
+                save_state(self.run_dir / STATE_NAME, self.state_dict())
+            except RuntimeError as e:
+                error = e
+        dist.agree_on_error(error)
+        kimg = self.plan.nimg(self.at_step) / 1000
+        self.state_step, self.checkpoint_time = self.at_step, time.time()
+        if self.cfg.checkpoint_kimg:
+            self.next_checkpoint = self.after(kimg, self.cfg.checkpoint_kimg)
+
+    def checkpoint(self) -> bool:
+        """The resumable state between snapshots; held back while the losses are non-finite."""
+        bad, _ = self.streaks()
+        if bad:
+            self.log(f"skipping the checkpoint at step {self.at_step}: the last {bad} losses were non-finite")
+            return False
+        self.write_state()
+        return True
+
+    def interrupt(self, signum: int) -> None:
+        """Stop at this step boundary: save the state, then leave with one line on how to resume."""
+        saved = self.state_step == self.at_step or self.checkpoint()
+        state = state_in(self.run_dir)
+        where = (
+            f"the state is saved in {state}"
+            if saved
+            else f"the losses were non-finite, so the last good state {state or '(none)'} was kept"
+        )
+        message = (
+            f"stopped by {signal_name(signum)} at step {self.at_step}; {where}; "
+            f"continue with the same command plus --resume {self.run_dir}"
+        )
+        if self.log_file:  # the CLI prints the message: into the log only, so the console gets one line
+            self.log_file.write(message + "\n")
+        raise RunInterruptedError(message, signum)
+
+    def snapshot(self) -> None:
+        step, name = self.at_step, f"{self.at_step:08d}"
+        error = None
+        if self.main:
+            kimg = self.plan.nimg(step) / 1000
+            path = self.run_dir / f"snapshot-{name}.safetensors"
+            try:
+                save_snapshot(path, self.ema, self.cfg, step=step, kimg=kimg)
+            except OSError as e:
+                error = RuntimeError(f"could not write the snapshot {path}: {e.strerror or e}")
+        dist.agree_on_error(error)
+        self.write_state()
+        if self.main and self.grid:  # after the state: a failure while sampling cannot cost the state
+            write_grid(self.model, self.run_dir / f"grid-{name}.png", self.grid)
+        if self.cfg.metrics:
+            self.evaluate_metrics()
+        dist.barrier()
+
+    def evaluate_metrics(self) -> None:
+        from patchdiff.metrics import compute_metrics
+
+        cfg, step = self.cfg, self.at_step
+        detector, reference = self.metric_setup()
+        values = compute_metrics(
+            cfg.metrics,
+            self.model,
+            reference,
+            cfg.metric_num,
+            detector,
+            batch=min(64, cfg.metric_num),
+            seed=0,
+            progress=self.progress,
+        )
+        kimg = self.plan.nimg(step) / 1000
+        self.append_stats(
+            dict(kind="metrics", step=step, kimg=kimg, time_s=self.counters["time_s"], **values)
+        )
+        self.log(" ".join(f"{k} {v:.4g}" for k, v in values.items()))
+
+    def metric_setup(self):
+        """Detector and reference statistics, loaded (or computed from the data) once per run."""
+        if not self.metric_cache:
+            from patchdiff.metrics import (
+                dataset_features,
+                load_detector,
+                load_reference,
+                reference_from_features,
+                save_reference,
+            )
+
+            cfg = self.cfg
+            detector = load_detector(cfg.detector or None, self.dev)
+            ref_path = Path(cfg.metric_ref) if cfg.metric_ref else self.run_dir / "reference.npz"
+            if ref_path.is_file():
+                reference = load_reference(ref_path)
+            else:
+                self.log(f"computing reference statistics of {cfg.data} for {', '.join(cfg.metrics)}")
+                features = dataset_features(
+                    ImageDataset(cfg.data, verify=False),
+                    detector,
+                    batch=64,
+                    progress=self.progress and self.main,
+                )
+                reference = reference_from_features(features)
+                if self.main:
+                    save_reference(reference, ref_path)
+            self.metric_cache.update(detector=detector, reference=reference)
+        return self.metric_cache["detector"], self.metric_cache["reference"]
