@@ -104,8 +104,10 @@ def test_damaged_states_are_named(tmp_path):
 
 def test_stale_temporaries_and_lost_stats_are_cleaned(tmp_path):
     (tmp_path / ".state.pt.new.abc.tmp").write_bytes(b"x")
+    (tmp_path / "state.pt.new").write_text("x")
     (tmp_path / "keep.txt").write_text("x")
-    assert [p.name for p in remove_temporaries(tmp_path)] == [".state.pt.new.abc.tmp"]
+    assert [p.name for p in remove_temporaries(tmp_path)] == [".state.pt.new.abc.tmp", "state.pt.new"]
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
     stats = tmp_path / "stats.jsonl"
     stats.write_text('{"kind": "tick", "step": 5}\n{"kind": "tick", "step": 10}\n{"kind": "tick", "st')
     assert truncate_stats(stats, 5) == 2

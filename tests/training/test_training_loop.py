@@ -37,6 +37,9 @@ def test_run_directory_contents(tiny_run):
     assert last["kimg"] == pytest.approx(last["step"] * 15.2 / 1000)
     cfg = json.loads((tiny_run / "config.json").read_text())
     assert cfg["image_size"] == [16, 16] and cfg["network"]["coord_channels"] == 2
+    # --precision fp32 means fp32 on GPUs too: no TF32 matmuls or convolutions.
+    assert cfg["precision"] == "fp32" and not torch.backends.cuda.matmul.allow_tf32
+    assert not torch.backends.cudnn.allow_tf32
 
 
 def test_loss_goes_down_on_a_tiny_data_set(landscapes):

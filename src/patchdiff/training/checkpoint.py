@@ -170,8 +170,9 @@ def find_resume_state(resume: str, outdir: str | os.PathLike) -> Path | None:
 
 
 def remove_temporaries(run_dir: Path) -> list[Path]:
-    """Half-written files a killed run left behind (atomic writes use `.NAME.*.tmp`)."""
-    stale = [p for p in run_dir.glob(".*.tmp") if p.is_file()]
+    """Files a killed run left behind: half-written `.NAME.*.tmp` files of atomic writes, and a complete
+    `state.pt.new` that was never renamed into place (the state it would have replaced is the newer)."""
+    stale = [p for p in [*run_dir.glob(".*.tmp"), run_dir / (STATE_NAME + ".new")] if p.is_file()]
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
