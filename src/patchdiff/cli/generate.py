@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from patchdiff import distributed as dist
-from patchdiff.generation import image_grid, iter_images, load, parse_seeds, to_pil
+from patchdiff.cli.checks import writable_dir, writable_file
+from patchdiff.generation import check_sampling_args, image_grid, iter_images, load, parse_seeds, to_pil
 from patchdiff.training.checkpoint import atomic_write
 
 
@@ -63,10 +64,14 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    seeds = parse_seeds(args.seeds)  # cheap checks first: before loading a model or making folders
+    outdir = Path(args.outdir)
+    writable_dir(outdir, "--outdir")
+    if args.grid:
+        writable_file(Path(args.grid), "--grid")
     dev = dist.init_from_env(args.device)
     model = load(args.model, dev)
-    seeds = parse_seeds(args.seeds)
-    outdir = Path(args.outdir)
+    check_sampling_args(model, seeds, args.batch, args.steps, args.class_label, args.cfg)
     outdir.mkdir(parents=True, exist_ok=True)
     mine = seeds[dist.rank() :: dist.world_size()]
     for batch, images in iter_images(
