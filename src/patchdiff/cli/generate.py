@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -72,14 +73,23 @@ def run(args: argparse.Namespace) -> int:
     dev = dist.init_from_env(args.device)
     model = load(args.model, dev)
     check_sampling_args(model, seeds, args.batch, args.steps, args.class_label, args.cfg)
+    made_outdir = not outdir.exists()
     outdir.mkdir(parents=True, exist_ok=True)
     mine = seeds[dist.rank() :: dist.world_size()]
-    for batch, images in iter_images(
-        model, mine, progress=dist.is_main() and not args.no_progress, **sampler_kwargs(args)
-    ):
-        for seed, image in zip(batch, images.cpu(), strict=True):
-            array = image.permute(1, 2, 0).numpy()
-            atomic_write(outdir / f"{seed:06d}.png", lambda tmp, a=array: to_pil(a).save(tmp, format="PNG"))
+    try:
+        for batch, images in iter_images(
+            model, mine, progress=dist.is_main() and not args.no_progress, **sampler_kwargs(args)
+        ):
+            for seed, image in zip(batch, images.cpu(), strict=True):
+                array = image.permute(1, 2, 0).numpy()
+                atomic_write(
+                    outdir / f"{seed:06d}.png", lambda tmp, a=array: to_pil(a).save(tmp, format="PNG")
+                )
+    except BaseException:
+        if made_outdir:  # a failed run leaves no empty folder behind (finished images are kept)
+            with contextlib.suppress(OSError):
+                outdir.rmdir()
+        raise
     dist.barrier()
     if dist.is_main():
         if args.grid:
