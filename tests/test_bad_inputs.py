@@ -56,6 +56,10 @@ def w(tiny_run, landscapes, tiny_detector, tmp_path_factory) -> SimpleNamespace:
     nan_state = {k: v.clone() for k, v in state.items()}
     nan_state["net.enc_conv.weight"].view(-1)[0] = float("nan")
     save_file(nan_state, str(src / "nan.safetensors"), metadata=meta)
+    # Finite weights whose output overflows: the sampler meets infinity and must not write black images.
+    huge = {k: v.clone() for k, v in state.items()}
+    huge["net.out_conv.weight"].fill_(3e38)
+    save_file(huge, str(src / "overflow.safetensors"), metadata=meta)
     (src / "truncated.safetensors").write_bytes(snap.read_bytes()[: snap.stat().st_size // 2])
     (src / "garbage.safetensors").write_bytes(np.random.default_rng(0).bytes(256))
     cfg = tiny_config("data", "runs")
@@ -203,6 +207,18 @@ CASES = [
         ["--class", "unconditional"],
     ),
     (
+        "generate --S-churn -5",
+        lambda w, o: gen(w, o, "--S-churn", "-5"),
+        2,
+        ["--S-churn -5", ">= 0"],
+    ),
+    (
+        "generate --steps 10^9",
+        lambda w, o: gen(w, o, "--steps", str(10**9)),
+        2,
+        ["--steps 1000000000", "10000"],
+    ),
+    (
         "generate --class out of range",
         lambda w, o: gen_model(w.src / "cond-nodrop.safetensors", o, "--class", "3"),
         2,
@@ -271,7 +287,7 @@ CASES = [
     ),
     (
         "generate non-finite samples",
-        lambda w, o: gen(w, o, "--seeds", "0-1", "--S-churn", "40", "--S-noise", "inf"),
+        lambda w, o: gen_model(w.src / "overflow.safetensors", o, "--seeds", "0-1"),
         2,
         ["NaN or infinity", "seeds 0..1"],
     ),
@@ -422,13 +438,14 @@ def test_ctrl_c_in_process(w, tmp_path, capsys, monkeypatch):
 
 
 def test_ctrl_c_signal_to_the_command(tmp_path):
-    """A real SIGINT to `python -m patchdiff dataset` once its temporary output exists."""
+    """A real SIGINT to `python -m patchdiff dataset` once its temporary output exists. Upscaling to 512
+    makes the conversion take many seconds, so the signal lands mid-way even on a loaded machine."""
     rng = np.random.default_rng(0)
-    for i in range(1500):
-        write_png(tmp_path / "src" / f"{i:04d}.png", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    for i in range(400):
+        write_png(tmp_path / "src" / f"{i:04d}.png", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
     dest = tmp_path / "out" / "d.zip"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "patchdiff", *dataset(tmp_path / "src", dest)],
+        [sys.executable, "-m", "patchdiff", *dataset(tmp_path / "src", dest, "--resolution", "512")],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -439,8 +456,8 @@ def test_ctrl_c_signal_to_the_command(tmp_path):
         time.sleep(0.02)
     assert proc.poll() is None, "finished before the signal; make the source bigger"
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "Traceback" not in err
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, (proc.returncode, out, err)
     assert err.strip() == "patchdiff dataset: interrupted; partial output was removed"
     assert list((tmp_path / "out").iterdir()) == []
 

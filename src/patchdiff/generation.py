@@ -93,6 +93,7 @@ def check_finite(state: dict[str, torch.Tensor], path: str | Path) -> None:
 
 
 SEED_LIMIT = 2**32  # seeds are unsigned 32-bit, as in EDM (and numpy's legacy seeding)
+MAX_STEPS = 10_000  # the schedule is a Python list and each step a network call: more is surely a typo
 MAX_SEEDS = 10_000_000  # per call: beyond this a typo is likelier than a wish (and the list fills memory)
 
 
@@ -132,8 +133,8 @@ def check_sampling_args(
     """Refuse settings that would fail late or silently mean nothing; warn about weak ones."""
     if batch_size < 1:
         raise ValueError(f"--batch {batch_size}: must be at least 1")
-    if num_steps < 1:
-        raise ValueError(f"--steps {num_steps}: must be at least 1")
+    if not 1 <= num_steps <= MAX_STEPS:
+        raise ValueError(f"--steps {num_steps}: must be in 1..{MAX_STEPS} (EDM uses 18 to 256)")
     if any(not 0 <= int(s) < SEED_LIMIT for s in seeds):
         raise ValueError(f"seeds must be in 0..2**32-1; got {min(seeds)}..{max(seeds)}")
     if class_label is not None and model.label_dim == 0:

@@ -117,7 +117,8 @@ def _timed(seconds: float, n: int) -> str:
 def run_ref(args: argparse.Namespace, device: torch.device) -> int:
     from patchdiff.data import ImageDataset
 
-    writable_file(Path(args.dest), "--dest")  # before the feature pass, not after it
+    if distributed.is_main():
+        writable_file(Path(args.dest), "--dest")  # before the feature pass, not after it
     dataset = ImageDataset(args.data)
     detector = _load_detector(args, device)
     start = time.perf_counter()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,11 @@ def add_sampler_flags(p: argparse.ArgumentParser) -> None:
 
 
 def sampler_kwargs(args: argparse.Namespace) -> dict:
+    if not (0 <= args.S_churn < math.inf and 0 <= args.S_noise < math.inf and args.S_min <= args.S_max):
+        raise ValueError(
+            f"--S-churn {args.S_churn}, --S-noise {args.S_noise}: need finite values >= 0, and "
+            f"--S-min {args.S_min} <= --S-max {args.S_max}"
+        )
     return dict(
         batch_size=args.batch,
         num_steps=args.steps,
@@ -67,18 +73,20 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     seeds = parse_seeds(args.seeds)  # cheap checks first: before loading a model or making folders
     outdir = Path(args.outdir)
-    writable_dir(outdir, "--outdir")
-    if args.grid:
-        writable_file(Path(args.grid), "--grid")
     dev = dist.init_from_env(args.device)
+    if dist.is_main():  # one process probes, so that none removes a probe folder another is using
+        writable_dir(outdir, "--outdir")
+        if args.grid:
+            writable_file(Path(args.grid), "--grid")
     model = load(args.model, dev)
     check_sampling_args(model, seeds, args.batch, args.steps, args.class_label, args.cfg)
+    kwargs = sampler_kwargs(args)
     made_outdir = not outdir.exists()
     outdir.mkdir(parents=True, exist_ok=True)
     mine = seeds[dist.rank() :: dist.world_size()]
     try:
         for batch, images in iter_images(
-            model, mine, progress=dist.is_main() and not args.no_progress, **sampler_kwargs(args)
+            model, mine, progress=dist.is_main() and not args.no_progress, **kwargs
         ):
             for seed, image in zip(batch, images.cpu(), strict=True):
                 array = image.permute(1, 2, 0).numpy()
