@@ -167,6 +167,12 @@ class _Writer:
             self.tmp.unlink()
 
 
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
 def _check_dest(dest: Path, source: Path) -> None:
     src, out = source.resolve(), dest.resolve()
     if src.is_dir() and out.is_relative_to(src):
@@ -282,13 +288,18 @@ def convert_dataset(
     count = 0
     total = len(src) if max_images is None else min(len(src), max_images)
     items = src.items((lambda name, error: skipped.append(name)) if skip_bad else None)
+    made = [p for p in (dest_path.parent, *dest_path.parent.parents) if not p.exists()]  # deepest first
     try:
         dest_path.parent.mkdir(parents=True, exist_ok=True)
         writer = _Writer(dest_path)
     except OSError as error:
+        _remove_empty(made)
         raise ValueError(
             f"--dest {dest}: cannot write there ({error.strerror or error}); choose another --dest"
         ) from None
+    except BaseException:
+        _remove_empty(made)
+        raise
     try:
         with contextlib.closing(items), tqdm(total=total, unit="img", disable=not progress) as bar:
             for name, image, label in items:
@@ -314,6 +325,7 @@ def convert_dataset(
         writer.commit()
     except BaseException:
         writer.abort()
+        _remove_empty(made)  # a failed run leaves no trace, not even DEST's new parent folders
         raise
     assert shape is not None and channels is not None
     return ConvertSummary(
