@@ -15,6 +15,7 @@ from typing import Any, Literal
 Arch = Literal["ddpmpp", "ncsnpp", "adm"]
 ScheduleKind = Literal["stochastic", "progressive", "full"]
 Precision = Literal["fp32", "bf16", "fp16"]
+LatentNorm = Literal["sd", "channel"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,18 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
+class LatentConfig:
+    """Latent space (filled in from a latent data set; see latent.py). The network sees (z - shift) * scale
+    per channel, z a posterior sample of the VAE; `vae` empty means pixel space."""
+
+    vae: str = ""  # hub id or save_pretrained folder of the AutoencoderKL that made the data
+    norm: LatentNorm = "sd"  # "sd": z * 0.18215 (the paper); "channel": per-channel mean/std to sigma_data
+    shift: tuple[float, ...] = ()
+    scale: tuple[float, ...] = ()
+    pixel_size: tuple[int, ...] = ()  # (H, W) of the decoded images
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     data: str = ""
     outdir: str = "runs"
@@ -90,6 +103,7 @@ class TrainConfig:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     patch: PatchConfig = field(default_factory=PatchConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
     duration_kimg: float = 200_000.0  # length in thousands of images, counted as the paper does
     batch: int = 512  # full-size images per step, all processes together
     batch_gpu: int = 0  # per process and accumulation round; 0 = batch / world size (no accumulation)

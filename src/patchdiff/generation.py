@@ -11,6 +11,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from patchdiff.config import TrainConfig
+from patchdiff.latent import decode_to_pixels, load_vae
 from patchdiff.networks import build_network
 from patchdiff.precond import Denoiser
 from patchdiff.sampling import SAMPLERS, guided_denoiser
@@ -38,6 +40,7 @@ class Model:
     denoiser: Denoiser
     config: TrainConfig
     device: torch.device
+    vae: Any = None  # latent models: the latent.VAE that decodes (loaded from config.latent.vae when None)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -53,8 +56,9 @@ class Model:
         return self.config.network.label_dim
 
 
-def load(path: str | Path, device: str | torch.device | None = None) -> Model:
-    """A run directory (its newest snapshot) or a snapshot `.safetensors` file -> Model in eval mode."""
+def load(path: str | Path, device: str | torch.device | None = None, vae: str | None = None) -> Model:
+    """A run directory (its newest snapshot) or a snapshot `.safetensors` file -> Model in eval mode.
+    `vae` overrides the VAE a latent model decodes with (e.g. a local copy of the one it recorded)."""
     path = Path(path)
     if path.is_dir():
         path = newest_snapshot(path)
@@ -66,7 +70,10 @@ def load(path: str | Path, device: str | torch.device | None = None) -> Model:
         raise ValueError(
             f"{path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
-    return Model(denoiser.to(device).eval().requires_grad_(False), cfg, device)
+    if vae and not cfg.latent.vae:
+        raise ValueError(f"--vae {vae} given, but {path} was trained on pixels and needs no VAE")
+    decoder = load_vae(vae, device) if vae else None
+    return Model(denoiser.to(device).eval().requires_grad_(False), cfg, device, decoder)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -104,7 +111,7 @@ def iter_images(
     rho: float = 7.0,
     progress: bool = False,
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """Yield (seeds, uint8 images [B, C, H, W]) batch by batch."""
+    """Yield (seeds, uint8 images [B, C, H, W]) batch by batch; a latent model's samples are decoded."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
     if class_label is not None and not 0 <= class_label < max(model.label_dim, 1):
@@ -143,7 +150,7 @@ def iter_images(
             S_noise=S_noise,
             generator=gens,
         )
-        yield batch, to_uint8(x)
+        yield batch, to_uint8(decode_to_pixels(model, x))
 
 
 def generate(model: Model, seeds: Sequence[int], **kwargs) -> torch.Tensor:

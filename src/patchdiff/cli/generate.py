@@ -11,6 +11,7 @@ from PIL import Image
 
 from patchdiff import distributed as dist
 from patchdiff.generation import image_grid, iter_images, load, parse_seeds, to_pil
+from patchdiff.presets import SAMPLER_PRESETS, add_preset_flag
 from patchdiff.training.checkpoint import atomic_write
 
 
@@ -59,12 +60,16 @@ def add_parser(subparsers) -> None:
     p.add_argument("--grid", help="also write all images as one grid PNG here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_sampler_flags(p)
+    p.add_argument(
+        "--vae", metavar="ID|PATH", help="latent models: decode with this VAE, not the recorded one"
+    )
+    add_preset_flag(p, SAMPLER_PRESETS)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     dev = dist.init_from_env(args.device)
-    model = load(args.model, dev)
+    model = load(args.model, dev, vae=args.vae)
     seeds = parse_seeds(args.seeds)
     outdir = Path(args.outdir)
     outdir.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from patchdiff.config import LossConfig, PatchConfig, TrainConfig, network_preset
+from patchdiff.config import LatentConfig, LossConfig, PatchConfig, TrainConfig, network_preset
+from patchdiff.presets import TRAIN_PRESETS, add_preset_flag
 
 
 def comma_list(cast: type, example: str):
@@ -60,6 +61,12 @@ def add_parser(subparsers) -> None:
     )
     g.add_argument("--latent", action="store_true", help="latent-space default sizes R/2,R")
     g.add_argument("--no-coords", action="store_true", help="leave out the coordinate channels")
+    g.add_argument(
+        "--latent-norm",
+        choices=["sd", "channel"],
+        default="sd",
+        help="latent sets: scale by the VAE's 0.18215 (sd, the paper) or per-channel mean/std (channel)",
+    )
     g = p.add_argument_group("optimisation")
     g.add_argument(
         "--duration", type=float, default=200_000, help="training length in kimg (fractions allowed)"
@@ -110,6 +117,7 @@ def add_parser(subparsers) -> None:
     g.add_argument(
         "--dry-run", action="store_true", help="print the resolved config and parameter count, write nothing"
     )
+    add_preset_flag(p, TRAIN_PRESETS)  # last: it checks the flags it sets exist
     p.set_defaults(func=run)
 
 
@@ -138,6 +146,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         network=net,
         patch=patch,
         loss=LossConfig(P_mean=args.P_mean, P_std=args.P_std),
+        latent=LatentConfig(norm=args.latent_norm),
         duration_kimg=args.duration,
         batch=args.batch,
         batch_gpu=args.batch_gpu,
