@@ -60,3 +60,10 @@ def latent_set(tiny_vae, class_images, tmp_path_factory) -> Path:
         class_images, dest, load_vae(str(tiny_vae), "cpu"), class_folders=True, shard_size=4, progress=False
     )
     return dest
+
+
+def tiny_vae_path(latent_set: Path) -> str:
+    """The VAE a latent set records."""
+    import json
+
+    return json.loads((latent_set / "dataset.json").read_text())["vae"]
