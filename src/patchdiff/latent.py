@@ -13,6 +13,7 @@ Generated x go back through z = x / scale + shift and the decoder, where images 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,7 +147,9 @@ def load_vae(source: str, device: str | torch.device | None = None) -> VAE:
         )
     else:
         try:
-            model = AutoencoderKL.from_pretrained(source, use_safetensors=True)
+            with warnings.catch_warnings():  # huggingface_hub's own deprecation notices are not the user's
+                warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+                model = AutoencoderKL.from_pretrained(source, use_safetensors=True)
         except (OSError, ValueError) as error:  # hub errors subclass OSError; offline misses too
             cache = os.environ.get("HF_HOME", "~/.cache/huggingface")
             raise VAEUnavailableError(
