@@ -78,8 +78,9 @@ def test_decode_of_encode_equals_the_vae_called_directly(tiny_vae):
     assert ours.shape == (3, 3, 32, 32)
 
 
-def test_missing_diffusers_says_what_to_install(monkeypatch, class_images, tmp_path, capsys):
+def test_missing_diffusers_says_what_to_install(monkeypatch, class_images, tiny_run, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` now raises ImportError
+    assert generate(load(tiny_run, "cpu"), [0], num_steps=2).shape == (1, 3, 16, 16)  # pixels need no VAE
     with pytest.raises(VAEUnavailableError, match=r"patchdiff\[latent\]"):
         import_autoencoder()
     code = main(["dataset", "--source", str(class_images), "--dest", str(tmp_path / "z"), "--vae"])
