@@ -65,6 +65,14 @@ def test_an_interrupted_encoding_continues_with_the_shards_it_has(tiny_vae, clas
     vae.encode = encode
     summary = encode_dataset(class_images, dest, vae, **flags)
     assert summary.count == 9 and summary.resumed == 4
+    # Finished shards of an interrupted run are never mixed with shards made with other flags.
+    vae.encode = failing
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        encode_dataset(class_images, tmp_path / "other", vae, **flags)
+    vae.encode = encode
+    with pytest.raises(ValueError, match=r"1 shard\(s\) of an interrupted run with other settings"):
+        encode_dataset(class_images, tmp_path / "other", vae, **{**flags, "shard_size": 3})
     again = encode_dataset(class_images, tmp_path / "fresh", vae, **flags)
     a, b = LatentDataset(dest), LatentDataset(tmp_path / "fresh")
     assert len(a) == len(b) == 9 and a.labels.tolist() == b.labels.tolist()
@@ -81,3 +89,17 @@ def test_bad_destinations_are_refused(tiny_vae, class_images, tmp_path):
     (tmp_path / "full" / "f").write_text("x")
     with pytest.raises(ValueError, match="already exists"):
         encode_dataset(class_images, tmp_path / "full", vae, progress=False)
+
+
+def test_images_of_other_sizes_need_a_resolution(tiny_vae, tmp_path):
+    from patchdiff.demo import make_landscapes
+
+    for i, size in enumerate((32, 40)):
+        Image.fromarray(make_landscapes(1, size, seed=i)[0]).save(tmp_path / f"{i}.png")
+    vae = load_vae(str(tiny_vae), "cpu")
+    with pytest.raises(ValueError, match=r"1.png is 40x40 but earlier images are 32x32; pass --resolution"):
+        encode_dataset(tmp_path, tmp_path / "out", vae, progress=False)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        encode_dataset(tmp_path, tmp_path / "out2", vae, resolution=(36, 36), progress=False)
+    summary = encode_dataset(tmp_path, tmp_path / "out", vae, resolution=(16, 16), progress=False, preview=0)
+    assert summary.pixel_size == (16, 16) and summary.latent_shape == (4, 2, 2)

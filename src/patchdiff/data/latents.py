@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,6 +175,7 @@ def _scaling(norm: str, meta: dict, sigma_data: float):
 class LatentSummary:
     count: int
     resumed: int  # images found already encoded in DEST.partial
+    skipped: int  # unreadable images skipped (--skip-bad)
     pixel_size: tuple[int, int]
     latent_shape: tuple[int, int, int]  # (C, h, w)
     num_classes: int
@@ -184,6 +186,7 @@ class LatentSummary:
         C, h, w = self.latent_shape
         H, W = self.pixel_size
         again = f" ({self.resumed} from an earlier run)" if self.resumed else ""
+        again += f", skipped {self.skipped} unreadable" if self.skipped else ""
         classes = f"{self.num_classes} classes" if self.num_classes else "unlabeled"
         return (
             f"wrote {self.count} latents{again} ({H}x{W} pixels -> {C}x{h}x{w}, {classes}) to {self.dest}; "
@@ -241,10 +244,14 @@ def encode_dataset(
         max_images=max_images,  # the last shard's length depends on it
     )
     started = work / "settings.json"
-    if work.is_dir() and started.is_file() and json.loads(started.read_text()) != settings:
+    finished = list(work.glob("shard-*.json")) if work.is_dir() else []
+    if finished and started.is_file() and json.loads(started.read_text()) != settings:
         raise ValueError(
-            f"{work} holds an interrupted run with other settings; remove it or repeat that run's flags"
+            f"{work} holds {len(finished)} shard(s) of an interrupted run with other settings; remove it or "
+            "repeat that run's flags"
         )
+    if not finished and work.is_dir():
+        shutil.rmtree(work)  # nothing worth keeping
     work.mkdir(parents=True, exist_ok=True)
     _atomic(started, lambda f: f.write(json.dumps(settings).encode()))
 
@@ -255,15 +262,8 @@ def encode_dataset(
     pixel_size: tuple[int, int] | None = None
 
     def flush() -> None:
-        nonlocal shard, pixel_size
+        nonlocal shard
         images = torch.from_numpy(np.stack([image for _, image, _ in buffer])).permute(0, 3, 1, 2)
-        pixel_size = pixel_size or (int(images.shape[2]), int(images.shape[3]))
-        if tuple(images.shape[2:]) != pixel_size:
-            raise ValueError(
-                f"{buffer[0][0]} is {tuple(images.shape[2:])}, not {pixel_size}; pass --resolution"
-            )
-        if pixel_size[0] % vae.factor or pixel_size[1] % vae.factor:
-            raise ValueError(f"--resolution {pixel_size}: the VAE needs multiples of {vae.factor}")
         mean, std = zip(
             *(vae.encode(images[i : i + batch]) for i in range(0, len(images), batch)), strict=True
         )
@@ -289,7 +289,14 @@ def encode_dataset(
         for name, image, label in items:
             done = (work / f"shard-{shard:05d}.json").is_file()
             if not done:
-                buffer.append((name, _to_rgb(fit_image(image, resolution, transform, name)), label))
+                image = _to_rgb(fit_image(image, resolution, transform, name))
+                pixel_size = pixel_size or _check_pixel_size(image.shape[:2], vae.factor)
+                if image.shape[:2] != pixel_size:  # only possible without --resolution
+                    raise ValueError(
+                        f"{name} is {image.shape[0]}x{image.shape[1]} but earlier images are "
+                        f"{pixel_size[0]}x{pixel_size[1]}; pass --resolution HxW (and --transform)"
+                    )
+                buffer.append((name, image, label))
             else:
                 resumed += 1
             count += 1
@@ -320,6 +327,7 @@ def encode_dataset(
     return LatentSummary(
         count=count,
         resumed=resumed,
+        skipped=len(skipped),
         pixel_size=tuple(meta["pixel_size"]),
         latent_shape=(meta["latent_channels"], *meta["latent_size"]),
         num_classes=src.num_classes,
@@ -328,7 +336,16 @@ def encode_dataset(
     )
 
 
+def _check_pixel_size(size: tuple[int, ...], factor: int) -> tuple[int, int]:
+    if size[0] % factor or size[1] % factor:
+        raise ValueError(f"images of {size[0]}x{size[1]}: the VAE needs sides that are multiples of {factor}")
+    return int(size[0]), int(size[1])
+
+
 def _finish_meta(records: list[dict], vae: Any, num_classes: int) -> dict[str, Any]:
+    sizes = {tuple(r["pixel_size"]) for r in records}
+    if len(sizes) > 1:
+        raise ValueError(f"the shards hold images of sizes {sorted(sizes)}; pass --resolution HxW")
     n = sum(r["per_channel"] for r in records)
     mean = np.sum([r["sum"] for r in records], axis=0) / n
     var = np.sum([r["sum_sq"] for r in records], axis=0) / n - mean**2
