@@ -139,7 +139,7 @@ def load_vae(source: str, device: str | torch.device | None = None) -> VAE:
             raise FileNotFoundError(
                 f"--vae {source}: the folder has no config.json; write it with AutoencoderKL.save_pretrained"
             )
-        model = AutoencoderKL.from_pretrained(str(path), use_safetensors=True)
+        model = AutoencoderKL.from_pretrained(str(path), use_safetensors=True, low_cpu_mem_usage=False)
         source = str(path.resolve())
     elif path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
         raise FileNotFoundError(
@@ -149,7 +149,7 @@ def load_vae(source: str, device: str | torch.device | None = None) -> VAE:
         try:
             with warnings.catch_warnings():  # huggingface_hub's own deprecation notices are not the user's
                 warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
-                model = AutoencoderKL.from_pretrained(source, use_safetensors=True)
+                model = AutoencoderKL.from_pretrained(source, use_safetensors=True, low_cpu_mem_usage=False)
         except (OSError, ValueError) as error:  # hub errors subclass OSError; offline misses too
             cache = os.environ.get("HF_HOME", "~/.cache/huggingface")
             raise VAEUnavailableError(
