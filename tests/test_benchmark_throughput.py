@@ -65,19 +65,8 @@ def test_ideal_ratio_is_the_papers_2_71():
 
 
 def test_dit_backbone_runs_and_reports_its_tokens():
-    cmd = [
-        sys.executable,
-        str(SCRIPT),
-        "--arch",
-        "dit",
-        "--resolution",
-        "16",
-        "--depth",
-        "1",
-        "--width",
-        "32",
-    ]
-    cmd += ["--heads", "2", "--batch", "4", "--steps", "2", "--block", "2", "--warmup", "0"]
+    dit = ["--arch", "dit", "--resolution", "16", "--depth", "1", "--width", "32", "--heads", "2"]
+    cmd = [sys.executable, str(SCRIPT), *dit, "--batch", "4", "--steps", "2", "--block", "2", "--warmup", "0"]
     cmd += ["--profile-steps", "0", "--no-memory", "--threads", "1", "--device", "cpu"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -121,7 +121,9 @@ def test_edm_euler_sampler_reproduces_the_models_own_ddim(tmp_path, monkeypatch,
     assert torch.allclose(ours, reference, atol=2e-4, rtol=1e-4), (ours - reference).abs().max()
 
 
-def test_patch_fine_tuning_through_the_cli_and_snapshots_without_the_pretrained_folder(tmp_path, landscapes):
+def test_patch_fine_tuning_through_the_cli_and_snapshots_without_the_pretrained_folder(
+    tmp_path, landscapes, tiny_detector
+):
     folder = tmp_path / "ddpm"
     save_pretrained(folder)
     runs = tmp_path / "runs"
@@ -140,6 +142,17 @@ def test_patch_fine_tuning_through_the_cli_and_snapshots_without_the_pretrained_
     out = tmp_path / "out"
     assert main(f"generate --model {run} --outdir {out} --seeds 0-1 --steps 4 --no-progress".split()) == 0
     assert len(list(out.glob("*.png"))) == 2
+    common = ["--detector", tiny_detector, "--batch", "8", "--no-progress", "--device", "cpu"]
+    ref = str(tmp_path / "ref.npz")
+    assert main(["fid", "ref", "--data", str(landscapes), "--dest", ref, *common]) == 0
+    assert (
+        main(["fid", "calc", "--model", str(run), "--num", "8", "--steps", "3", "--ref", ref, *common]) == 0
+    )
+    assert main(["report", str(run)]) == 0 and (run / "report.html").is_file()
+    # Resuming needs neither the pretrained folder nor the hub: the state holds the weights.
+    longer = train.replace("--duration 0.05", "--duration 0.1").split()
+    assert main([*longer, *TINY_TRAIN_FLAGS, *flags, "--resume", "auto"]) == 0
+    assert len(list(run.glob("snapshot-*.safetensors"))) == 2
 
 
 @pytest.mark.slow  # a fresh process importing diffusers: 5 s of CPU, more on a loaded machine

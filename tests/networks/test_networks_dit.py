@@ -124,7 +124,9 @@ def test_presets():
     assert math.isclose(count_parameters(small) / 1e6, 33.0, rel_tol=0.02)
 
 
-def test_train_a_few_steps_through_the_cli_then_generate(tmp_path, landscapes):
+def test_train_a_few_steps_through_the_cli_then_generate_score_and_report(
+    tmp_path, landscapes, tiny_detector
+):
     runs = tmp_path / "runs"
     flags = ["--arch", "dit", "--depth", "2", "--width", "32", "--heads", "2", "--dit-patch", "2"]
     train = f"train --data {landscapes} --outdir {runs} --duration 0.05 --tick 0.05 --grid 4 --no-progress"
@@ -134,6 +136,13 @@ def test_train_a_few_steps_through_the_cli_then_generate(tmp_path, landscapes):
     out = tmp_path / "out"
     assert main(f"generate --model {run} --outdir {out} --seeds 0-1 --steps 4 --no-progress".split()) == 0
     assert len(list(out.glob("*.png"))) == 2
+    common = ["--detector", tiny_detector, "--batch", "8", "--no-progress", "--device", "cpu"]
+    ref = str(tmp_path / "ref.npz")
+    assert main(["fid", "ref", "--data", str(landscapes), "--dest", ref, *common]) == 0
+    assert (
+        main(["fid", "calc", "--model", str(run), "--num", "8", "--steps", "3", "--ref", ref, *common]) == 0
+    )
+    assert main(["report", str(run)]) == 0 and (run / "report.html").is_file()
     # A crop schedule with every size ran: crops 4, 8, 16 of 16x16 images.
     log = (run / "log.txt").read_text()
     assert "crop sizes (4, 8, 16)" in log

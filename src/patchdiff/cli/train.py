@@ -157,7 +157,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
     if (args.init_from or args.prediction) and args.arch != "diffusers-unet":
         raise ValueError(f"--init-from and --prediction need --arch diffusers-unet, not {args.arch!r}")
-    if args.arch == "diffusers-unet":
+    if args.arch == "diffusers-unet" and not args.resume:  # a resumed run keeps its saved network config
         from patchdiff.networks.diffusers_unet import resolve_unet
 
         net = resolve_unet(net, args.prediction)  # stores the UNet config: snapshots rebuild without the hub
