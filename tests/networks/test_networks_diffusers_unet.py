@@ -155,6 +155,22 @@ def test_patch_fine_tuning_through_the_cli_and_snapshots_without_the_pretrained_
     assert len(list(run.glob("snapshot-*.safetensors"))) == 2
 
 
+def test_unsupported_pretrained_models_are_refused(tmp_path):
+    for name, kwargs, match in (
+        ("ve", dict(time_embedding_type="fourier"), "'fourier' time embedding"),
+        ("cond", dict(num_class_embeds=10), "class-conditional"),
+    ):
+        small = dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8, attention_head_dim=8)
+        small.update(
+            down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D")
+        )
+        diffusers.UNet2DModel(sample_size=8, **small, **kwargs).save_pretrained(tmp_path / name)
+        with pytest.raises(ValueError, match=match):
+            pretrained_config(tmp_path / name)
+    with pytest.raises(ValueError, match="cannot load the unet from this folder"):
+        pretrained_config(tmp_path)  # a folder without a UNet
+
+
 @pytest.mark.slow  # a fresh process importing diffusers: 5 s of CPU, more on a loaded machine
 def test_a_hub_id_offline_gives_one_clear_line(tmp_path, landscapes):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}

@@ -176,6 +176,11 @@ def resolve_unet(cfg: NetworkConfig, prediction: str | None = None) -> NetworkCo
         )
     diffusers = require_diffusers()
     unet = clean_config(_from_pretrained(diffusers.UNet2DModel.load_config, cfg.init_from, "unet"))
+    if unet.get("time_embedding_type", "positional") != "positional":
+        raise ValueError(
+            f"--init-from {cfg.init_from!r} has a {unet['time_embedding_type']!r} time embedding (a VE/score "
+            "model); only discrete-time DDPM UNets (epsilon or v) are supported"
+        )
     if unet.get("num_class_embeds") or unet.get("class_embed_type"):
         raise ValueError(
             f"--init-from {cfg.init_from!r} is a class-conditional UNet ({unet.get('class_embed_type')}); "

@@ -16,6 +16,8 @@ grid: a token of a crop gets exactly the code that the same place has in the ful
 transformer's form of Patch Diffusion's coordinate channels; the channels themselves are not embedded
 as pixels. Without coordinate channels (`--no-coords`) the code comes from the crop's local token grid
 (0 .. h/p - 1), so a crop looks to the network like the top-left corner of an image.
+For non-square images both axes are scaled by `resolution` = min(H, W): the longer axis's positions
+are compressed by (R - 1)/(W - 1), the same for a crop as for the full image.
 """
 
 from __future__ import annotations
