@@ -7,6 +7,7 @@ snapshot alone is enough to rebuild its network (see training/checkpoint.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import typing
 from dataclasses import dataclass, field
@@ -63,8 +64,14 @@ class NetworkConfig:
         if self.arch == "dit":
             return self.dit_patch
         if self.arch == "diffusers-unet" and self.unet_config:
-            return 2 ** (len(json.loads(self.unet_config)["block_out_channels"]) - 1)
+            return 2 ** (unet_levels(self.unet_config) - 1)
         return 2 ** (len(self.channel_mult) - 1)
+
+
+@functools.lru_cache(maxsize=8)
+def unet_levels(unet_config: str) -> int:
+    """Resolution levels of a stored diffusers UNet config (parsed once: min_crop is read every forward)."""
+    return len(json.loads(unet_config)["block_out_channels"])
 
 
 # DiT sizes (Peebles & Xie 2023, Table 1): depth, width, heads.
