@@ -22,12 +22,16 @@ from patchdiff.config import TrainConfig
 from patchdiff.latent import decode_to_pixels, load_vae
 from patchdiff.networks import build_network
 from patchdiff.precond import Denoiser
+from patchdiff.precond_vp import VPDenoiser
 from patchdiff.sampling import SAMPLERS, guided_denoiser
 from patchdiff.training.checkpoint import newest_snapshot, read_snapshot
 
 
-def build_denoiser(cfg: TrainConfig) -> Denoiser:
-    net = build_network(cfg.network)
+def build_denoiser(cfg: TrainConfig, pretrained: bool = True) -> Denoiser | VPDenoiser:
+    """pretrained: load cfg.network.init_from's weights (at training start; load() passes False)."""
+    net = build_network(cfg.network, pretrained=pretrained)
+    if cfg.network.prediction != "edm":  # a pretrained epsilon / v network
+        return VPDenoiser.from_config(net, cfg.network)
     return Denoiser(
         net, cfg.loss.sigma_data, use_coords=cfg.network.coord_channels > 0, label_dim=cfg.network.label_dim
     )
@@ -64,7 +68,7 @@ def load(path: str | Path, device: str | torch.device | None = None, vae: str | 
         path = newest_snapshot(path)
     state, cfg, _ = read_snapshot(path)
     device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    denoiser = build_denoiser(cfg)
+    denoiser = build_denoiser(cfg, pretrained=False)  # the snapshot holds the weights: no hub needed
     missing, unexpected = denoiser.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(

@@ -199,7 +199,7 @@ def train(
     plan = make_plan(cfg, schedule, batch_gpu, rounds, world)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every process and every run
-    denoiser = build_denoiser(cfg).to(dev)
+    denoiser = build_denoiser(cfg, pretrained=state is None).to(dev)  # a resumed run has its weights
     if dry_run:
         if dist.is_main():
             print(to_json(cfg))
