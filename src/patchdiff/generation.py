@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,14 +21,19 @@ from PIL import Image
 from tqdm import tqdm
 
 from patchdiff.config import TrainConfig
+from patchdiff.latent import decode_to_pixels, load_vae
 from patchdiff.networks import build_network
 from patchdiff.precond import Denoiser
+from patchdiff.precond_vp import VPDenoiser
 from patchdiff.sampling import SAMPLERS, guided_denoiser
 from patchdiff.training.checkpoint import newest_snapshot, read_snapshot
 
 
-def build_denoiser(cfg: TrainConfig) -> Denoiser:
-    net = build_network(cfg.network)
+def build_denoiser(cfg: TrainConfig, pretrained: bool = True) -> Denoiser | VPDenoiser:
+    """pretrained: load cfg.network.init_from's weights (at training start; load() passes False)."""
+    net = build_network(cfg.network, pretrained=pretrained)
+    if cfg.network.prediction != "edm":  # a pretrained epsilon / v network
+        return VPDenoiser.from_config(net, cfg.network)
     return Denoiser(
         net, cfg.loss.sigma_data, use_coords=cfg.network.coord_channels > 0, label_dim=cfg.network.label_dim
     )
@@ -40,6 +46,7 @@ class Model:
     denoiser: Denoiser
     config: TrainConfig
     device: torch.device
+    vae: Any = None  # latent models: the latent.VAE that decodes (loaded from config.latent.vae when None)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -55,8 +62,9 @@ class Model:
         return self.config.network.label_dim
 
 
-def load(path: str | Path, device: str | torch.device | None = None) -> Model:
-    """A run directory (its newest snapshot) or a snapshot `.safetensors` file -> Model in eval mode."""
+def load(path: str | Path, device: str | torch.device | None = None, vae: str | None = None) -> Model:
+    """A run directory (its newest snapshot) or a snapshot `.safetensors` file -> Model in eval mode.
+    `vae` overrides the VAE a latent model decodes with (e.g. a local copy of the one it recorded)."""
     path = Path(path)
     if path.is_dir():
         path = newest_snapshot(path)
@@ -70,7 +78,7 @@ def load(path: str | Path, device: str | torch.device | None = None) -> Model:
     check_finite(state, path)
     device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        denoiser = build_denoiser(cfg)
+        denoiser = build_denoiser(cfg, pretrained=False)  # the snapshot holds the weights: no hub needed
         missing, unexpected = denoiser.load_state_dict(state, strict=False)
     except (RuntimeError, ValueError, TypeError) as error:  # e.g. a tensor shape that the config contradicts
         text = " ".join(str(error).split())[:300]
@@ -79,7 +87,10 @@ def load(path: str | Path, device: str | torch.device | None = None) -> Model:
         raise ValueError(
             f"{path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
-    return Model(denoiser.to(device).eval().requires_grad_(False), cfg, device)
+    if vae and not cfg.latent.vae:
+        raise ValueError(f"--vae {vae} given, but {path} was trained on pixels and needs no VAE")
+    decoder = load_vae(vae, device) if vae else None
+    return Model(denoiser.to(device).eval().requires_grad_(False), cfg, device, decoder)
 
 
 def check_finite(state: dict[str, torch.Tensor], path: str | Path) -> None:
@@ -177,7 +188,7 @@ def iter_images(
     rho: float = 7.0,
     progress: bool = False,
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """Yield (seeds, uint8 images [B, C, H, W]) batch by batch."""
+    """Yield (seeds, uint8 images [B, C, H, W]) batch by batch; a latent model's samples are decoded."""
     check_sampling_args(model, seeds, batch_size, num_steps, class_label, cfg_scale)
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
@@ -218,7 +229,7 @@ def iter_images(
                 f"sampling gave NaN or infinity for seeds {batch[0]}..{batch[-1]}; the model or the sampler "
                 "settings (--steps, --S-churn, --cfg) are unstable, so no images were written for them"
             )
-        yield batch, to_uint8(x)
+        yield batch, to_uint8(decode_to_pixels(model, x))
 
 
 def generate(model: Model, seeds: Sequence[int], **kwargs) -> torch.Tensor:

@@ -98,6 +98,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     calc.add_argument("--steps", type=int, default=18, help="sampler steps (with --model)")
     calc.add_argument("--class", dest="class_label", type=int, default=None, help="class of every image")
     calc.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale")
+    calc.add_argument(
+        "--vae", metavar="ID|PATH", help="latent models: decode with this VAE, not the recorded one"
+    )
     p.set_defaults(func=run)
 
 
@@ -151,7 +154,7 @@ def run_calc(args: argparse.Namespace, device: torch.device) -> int:
     else:
         from patchdiff.generation import check_sampling_args, load
 
-        model = load(args.model, device)
+        model = load(args.model, device, vae=args.vae)
         seeds = range(args.seeds, args.seeds + args.num)
         check_sampling_args(model, seeds, args.batch, args.steps, args.class_label, args.cfg)
         features = generated_features(

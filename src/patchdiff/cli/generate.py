@@ -14,6 +14,7 @@ from PIL import Image
 from patchdiff import distributed as dist
 from patchdiff.cli.checks import writable_dir, writable_file
 from patchdiff.generation import check_sampling_args, image_grid, iter_images, load, parse_seeds, to_pil
+from patchdiff.presets import SAMPLER_PRESETS, add_preset_flag
 from patchdiff.training.checkpoint import atomic_write
 
 
@@ -67,6 +68,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--grid", help="also write all images as one grid PNG here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_sampler_flags(p)
+    p.add_argument(
+        "--vae", metavar="ID|PATH", help="latent models: decode with this VAE, not the recorded one"
+    )
+    add_preset_flag(p, SAMPLER_PRESETS)
     p.set_defaults(func=run)
 
 
@@ -78,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         writable_dir(outdir, "--outdir")
         if args.grid:
             writable_file(Path(args.grid), "--grid")
-    model = load(args.model, dev)
+    model = load(args.model, dev, vae=args.vae)
     check_sampling_args(model, seeds, args.batch, args.steps, args.class_label, args.cfg)
     kwargs = sampler_kwargs(args)
     made_outdir = not outdir.exists()

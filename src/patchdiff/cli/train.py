@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from patchdiff.config import LossConfig, PatchConfig, TrainConfig, network_preset
+from patchdiff.config import DIT_SIZES, LatentConfig, LossConfig, PatchConfig, TrainConfig, network_preset
+from patchdiff.presets import TRAIN_PRESETS, add_preset_flag
 
 
 def comma_list(cast: type, example: str):
@@ -27,12 +28,38 @@ float_list = comma_list(float, "0.2,0.3,0.5")
 
 def add_network_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("network")
-    g.add_argument("--arch", choices=["ddpmpp", "ncsnpp", "adm"], default="ddpmpp", help="backbone preset")
+    g.add_argument(
+        "--arch",
+        choices=["ddpmpp", "ncsnpp", "adm", "dit", "diffusers-unet"],
+        default="ddpmpp",
+        help="backbone preset",
+    )
     g.add_argument("--cbase", type=int, help="base channels (preset: 128 ddpmpp/ncsnpp, 192 adm)")
     g.add_argument("--cres", type=int_list, help="channel multipliers per level, e.g. 1,2,2,2")
     g.add_argument("--blocks", type=int, help="residual blocks per level")
     g.add_argument("--attn", type=int_list, help="full-image resolutions with self-attention, e.g. 16")
-    g.add_argument("--dropout", type=float, default=0.10, help="dropout probability")
+    g.add_argument("--dropout", type=float, help="dropout probability (preset: 0.10; dit 0)")
+    add_backbone_flags(p)
+
+
+def add_backbone_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("transformer (--arch dit) and diffusers UNet (--arch diffusers-unet)")
+    g.add_argument("--dit-size", choices=list(DIT_SIZES), help="DiT preset depth/width/heads (default S)")
+    g.add_argument("--depth", type=int, help="DiT blocks (overrides --dit-size)")
+    g.add_argument("--width", type=int, help="DiT hidden width (overrides --dit-size)")
+    g.add_argument("--heads", type=int, help="DiT attention heads (overrides --dit-size)")
+    g.add_argument(
+        "--dit-patch", type=int, help="DiT token size p in pixels (2 on latents, 2 or 4 on pixels; default 2)"
+    )
+    g.add_argument(
+        "--init-from",
+        help="pretrained diffusers UNet2DModel to fine-tune: a hub id or a save_pretrained folder",
+    )
+    g.add_argument(
+        "--prediction",
+        choices=["edm", "epsilon", "v_prediction"],
+        help="what the diffusers UNet predicts (default: edm; with --init-from, its scheduler's type)",
+    )
 
 
 def add_parser(subparsers) -> None:
@@ -60,6 +87,12 @@ def add_parser(subparsers) -> None:
     )
     g.add_argument("--latent", action="store_true", help="latent-space default sizes R/2,R")
     g.add_argument("--no-coords", action="store_true", help="leave out the coordinate channels")
+    g.add_argument(
+        "--latent-norm",
+        choices=["sd", "channel"],
+        default="sd",
+        help="latent sets: scale by the VAE's 0.18215 (sd, the paper) or per-channel mean/std (channel)",
+    )
     g = p.add_argument_group("optimisation")
     g.add_argument(
         "--duration", type=float, default=200_000, help="training length in kimg (fractions allowed)"
@@ -110,6 +143,7 @@ def add_parser(subparsers) -> None:
     g.add_argument(
         "--dry-run", action="store_true", help="print the resolved config and parameter count, write nothing"
     )
+    add_preset_flag(p, TRAIN_PRESETS)  # last: it checks the flags it sets exist
     p.set_defaults(func=run)
 
 
@@ -122,7 +156,19 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         attn_resolutions=args.attn,
         dropout=args.dropout,
         label_dropout=args.label_dropout,
+        dit_size=args.dit_size,
+        depth=args.depth,
+        width=args.width,
+        heads=args.heads,
+        dit_patch=args.dit_patch,
+        init_from=args.init_from,
     )
+    if (args.init_from or args.prediction) and args.arch != "diffusers-unet":
+        raise ValueError(f"--init-from and --prediction need --arch diffusers-unet, not {args.arch!r}")
+    if args.arch == "diffusers-unet" and not args.resume:  # a resumed run keeps its saved network config
+        from patchdiff.networks.diffusers_unet import resolve_unet
+
+        net = resolve_unet(net, args.prediction)  # stores the UNet config: snapshots rebuild without the hub
     patch = PatchConfig(
         schedule=args.patch_schedule,
         real_p=args.real_p,
@@ -138,6 +184,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         network=net,
         patch=patch,
         loss=LossConfig(P_mean=args.P_mean, P_std=args.P_std),
+        latent=LatentConfig(norm=args.latent_norm),
         duration_kimg=args.duration,
         batch=args.batch,
         batch_gpu=args.batch_gpu,

@@ -24,8 +24,10 @@ from tqdm import tqdm
 
 from patchdiff import distributed as dist
 from patchdiff.config import TrainConfig, from_json, to_json
-from patchdiff.data import ImageDataset
+from patchdiff.data import ImageDataset, open_dataset
+from patchdiff.data.latents import resolve_latent
 from patchdiff.generation import Model, build_denoiser, generate, image_grid, to_pil
+from patchdiff.latent import prepare_batch
 from patchdiff.loss import edm_loss
 from patchdiff.networks import count_parameters
 from patchdiff.patching import PatchSchedule, random_patches, resolve_schedule
@@ -146,7 +148,7 @@ def train_step(
     loss_sum, n = torch.zeros((), device=dev), 0
     for r, (images, labels) in enumerate(rounds_data):
         n = images.shape[0]
-        y = images.to(dev, non_blocking=True).to(torch.float32) / 127.5 - 1
+        y = prepare_batch(images, dev, cfg)  # pixels to [-1, 1], or a fresh latent sample
         y, coords = random_patches(y, crop)
         label_dim = cfg.network.label_dim
         # One-hot on the host: on CUDA, one_hot would check the label range with a device sync.
@@ -186,8 +188,8 @@ def train(
     if state is not None:  # a resumed run keeps what defines its training; run control may change
         saved = from_json(TrainConfig, state["config"])
         cfg = dataclasses.replace(saved, **{name: getattr(cfg, name) for name in RUN_CONTROL})
-    dataset = ImageDataset(cfg.data, xflip=cfg.xflip, cache=cfg.cache)
-    cfg = resolve(cfg, dataset)
+    dataset = open_dataset(cfg.data, xflip=cfg.xflip, cache=cfg.cache)
+    cfg = resolve(resolve_latent(cfg, dataset), dataset)
     schedule = resolve_schedule(cfg.patch, tuple(cfg.image_size), cfg.network.min_crop)
     batch_gpu, rounds = batch_split(cfg, world)
     if cfg.metrics:
@@ -197,7 +199,7 @@ def train(
     plan = make_plan(cfg, schedule, batch_gpu, rounds, world)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every process and every run
-    denoiser = build_denoiser(cfg).to(dev)
+    denoiser = build_denoiser(cfg, pretrained=state is None).to(dev)  # a resumed run has its weights
     if dry_run:
         if dist.is_main():
             print(to_json(cfg))
