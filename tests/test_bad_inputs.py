@@ -74,6 +74,9 @@ def w(tiny_run, landscapes, tiny_detector, tmp_path_factory) -> SimpleNamespace:
     (src / "garbage.npz").write_bytes(b"PK\x03\x04 this is not a zip")
 
     (src / "empty").mkdir()
+    (src / "junk").mkdir()
+    (src / "junk" / "notes.txt").write_text("not an image, and not named like one: ignored")
+    (src / "junk" / "b.png").write_bytes(b"named like an image, but is not one")
     (src / "nosnap").mkdir()
     (src / "a-file").write_text("not a folder")
     names = [f"img{i:05d}.png" for i in range(3)]
@@ -179,6 +182,12 @@ CASES = [
         lambda w, o: dataset(w.src / "empty", o / "d.zip"),
         2,
         ["--source", "no images"],
+    ),
+    (
+        "dataset file that is not an image",
+        lambda w, o: dataset(w.src / "junk", o / "d.zip"),
+        2,
+        ["junk/b.png", "not a readable image (cannot identify image file)"],
     ),
     (
         "dataset damaged zip member",
@@ -364,6 +373,7 @@ def one_error_line(capsys, command: str) -> str:
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1, err
     assert lines[0].startswith(f"patchdiff {command}: error: "), lines[0]
+    assert " object at 0x" not in lines[0]  # no Python reprs: they name nothing the user can find
     return lines[0]
 
 

@@ -134,10 +134,16 @@ class _Writer:
         self.tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
         self.is_zip = dest.suffix.lower() == ".zip"
         self._remove_tmp()
-        if self.is_zip:
-            self._zip = zipfile.ZipFile(self.tmp, "w", compression=zipfile.ZIP_STORED)  # PNGs are compressed
-        else:
-            self.tmp.mkdir()
+        try:
+            if self.is_zip:
+                self._zip = zipfile.ZipFile(
+                    self.tmp, "w", compression=zipfile.ZIP_STORED
+                )  # PNGs are compressed
+            else:
+                self.tmp.mkdir()
+        except BaseException:  # e.g. Ctrl-C between creating the file and returning: leave nothing
+            self._remove_tmp()
+            raise
 
     def write(self, name: str, data: bytes) -> None:
         if self.is_zip:
@@ -289,18 +295,15 @@ def convert_dataset(
     total = len(src) if max_images is None else min(len(src), max_images)
     items = src.items((lambda name, error: skipped.append(name)) if skip_bad else None)
     made = [p for p in (dest_path.parent, *dest_path.parent.parents) if not p.exists()]  # deepest first
+    writer: _Writer | None = None
     try:
-        dest_path.parent.mkdir(parents=True, exist_ok=True)
-        writer = _Writer(dest_path)
-    except OSError as error:
-        _remove_empty(made)
-        raise ValueError(
-            f"--dest {dest}: cannot write there ({error.strerror or error}); choose another --dest"
-        ) from None
-    except BaseException:
-        _remove_empty(made)
-        raise
-    try:
+        try:
+            dest_path.parent.mkdir(parents=True, exist_ok=True)
+            writer = _Writer(dest_path)
+        except OSError as error:
+            raise ValueError(
+                f"--dest {dest}: cannot write there ({error.strerror or error}); choose another --dest"
+            ) from None
         with contextlib.closing(items), tqdm(total=total, unit="img", disable=not progress) as bar:
             for name, image, label in items:
                 image = fit_image(image, resolution, transform, name)
@@ -324,7 +327,8 @@ def convert_dataset(
             writer.write(LABELS_FILE, json.dumps(meta).encode())
         writer.commit()
     except BaseException:
-        writer.abort()
+        if writer is not None:
+            writer.abort()
         _remove_empty(made)  # a failed run leaves no trace, not even DEST's new parent folders
         raise
     assert shape is not None and channels is not None

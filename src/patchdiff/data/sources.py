@@ -89,6 +89,12 @@ def read_member(archive: zipfile.ZipFile, name: str, where: str) -> bytes:
         raise ValueError(f"{where}:{name}: damaged zip member ({error}); rebuild the zip") from error
 
 
+def _reason(error: BaseException) -> str:
+    """PIL's message without the in-memory buffer's repr ('<_io.BytesIO object at 0x...>'), which names
+    nothing the user can find."""
+    return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(error)) or type(error).__name__
+
+
 def decode_image(data: bytes, name: str) -> np.ndarray:
     """Decode encoded image bytes; anything PIL cannot read fully is a ValueError naming the file."""
     try:
@@ -96,7 +102,9 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
             image.load()
             return to_array(image)
     except _DECODE_ERRORS as error:
-        raise ValueError(f"{name}: not a readable image ({error}); remove or replace the file") from error
+        raise ValueError(
+            f"{name}: not a readable image ({_reason(error)}); remove or replace the file"
+        ) from error
 
 
 def probe_image(data: bytes, name: str) -> tuple[int, int, int]:
@@ -105,7 +113,9 @@ def probe_image(data: bytes, name: str) -> tuple[int, int, int]:
         with Image.open(io.BytesIO(data)) as image:
             return image.height, image.width, channels_of_mode(image.mode)
     except _DECODE_ERRORS as error:
-        raise ValueError(f"{name}: not a readable image ({error}); remove or replace the file") from error
+        raise ValueError(
+            f"{name}: not a readable image ({_reason(error)}); remove or replace the file"
+        ) from error
 
 
 def parse_labels_json(text: bytes | str, where: str) -> tuple[dict[str, int] | None, int]:
