@@ -13,6 +13,12 @@ that a drift in machine load (the machine may be shared) falls on both alike. Th
 
     python benchmarks/throughput.py                       # small DDPM++ for a CPU (a minute or two)
     python benchmarks/throughput.py --paper --device cuda # the paper's 64x64 DDPM++, batch 64 per GPU
+    python benchmarks/throughput.py --arch dit            # a small DiT/2 at 64x64 for a CPU
+    python benchmarks/throughput.py --arch dit --paper --device cuda  # DiT-B/2 on 32x32x4 latents
+
+A transformer's step costs more than its pixels at full size: attention grows with the square of the
+token count, so crops of 1/4 or 1/16 of the tokens save more than their share of pixels, and its
+ratio should be above the U-Net's (whose cost is nearly linear in pixels).
 """
 
 from __future__ import annotations
@@ -40,6 +46,9 @@ from patchdiff.training.loop import train_step
 # A small DDPM++ that runs in a minute or two on 2 CPU cores, and the paper's 64x64 preset.
 CPU_DEFAULTS = dict(arch="ddpmpp", resolution=64, cbase=32, cres=(1, 2, 2, 2), blocks=1, attn=(16,), batch=8)
 PAPER = dict(arch="ddpmpp", resolution=64, cbase=128, cres=(1, 2, 2, 2), blocks=4, attn=(16,), batch=64)
+# A small DiT/2 for a CPU (1024 tokens at full size), and DiT-B/2 on ImageNet-256 latents (latent crops).
+DIT_CPU = dict(arch="dit", resolution=64, depth=4, width=128, heads=4, dit_patch=2, batch=8, channels=3)
+DIT_PAPER = dict(arch="dit", resolution=32, depth=12, width=768, heads=12, dit_patch=2, batch=64, channels=4)
 CONFIGS = ("full", "patch")
 
 
@@ -59,11 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--paper", action="store_true", help="the paper's 64x64 DDPM++ (cbase 128, blocks 4), batch 64"
     )
     p.add_argument("--resolution", type=int, help="R, the image size (default 64)")
-    p.add_argument("--arch", choices=("ddpmpp", "ncsnpp", "adm"), help="backbone (default ddpmpp)")
+    p.add_argument("--arch", choices=("ddpmpp", "ncsnpp", "adm", "dit"), help="backbone (default ddpmpp)")
     p.add_argument("--cbase", type=int, help="base channels (default 32; --paper 128)")
     p.add_argument("--cres", type=int_tuple, help="channel multipliers per level (default 1,2,2,2)")
     p.add_argument("--blocks", type=int, help="residual blocks per level (default 1; --paper 4)")
     p.add_argument("--attn", type=int_tuple, help="attention resolutions (default 16)")
+    p.add_argument("--depth", type=int, help="DiT blocks (default 4; --paper 12)")
+    p.add_argument("--width", type=int, help="DiT width (default 128; --paper 768)")
+    p.add_argument("--heads", type=int, help="DiT heads (default 4; --paper 12)")
+    p.add_argument("--dit-patch", type=int, help="DiT token size (default 2)")
     p.add_argument("--batch", type=int, help="full-size images per step (default 8; --paper 64)")
     p.add_argument("--steps", type=int, default=96, help="timed steps per configuration (default 96)")
     p.add_argument("--block", type=int, default=4, help="steps per interleaved timed block (default 4)")
@@ -121,11 +134,14 @@ class Setup:
 
 
 def resolve_args(args: argparse.Namespace) -> dict:
-    base = PAPER if args.paper else CPU_DEFAULTS
-    opts = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in base.items()}
-    for flag in ("resolution", "cbase", "blocks", "batch"):
-        if opts[flag] < 1:
-            raise ValueError(f"--{flag} {opts[flag]} must be a positive integer")
+    if args.arch == "dit":
+        base = DIT_PAPER if args.paper else DIT_CPU
+    else:
+        base = PAPER if args.paper else CPU_DEFAULTS
+    opts = {k: (getattr(args, k, None) if getattr(args, k, None) is not None else v) for k, v in base.items()}
+    for flag in ("resolution", "cbase", "blocks", "batch", "depth", "width", "heads", "dit_patch"):
+        if flag in opts and opts[flag] < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} {opts[flag]} must be a positive integer")
     for flag in ("steps", "block", "threads"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -146,16 +162,25 @@ def build_setup(args: argparse.Namespace, opts: dict) -> Setup:
     net = network_preset(
         opts["arch"],
         R,
-        model_channels=opts["cbase"],
-        channel_mult=opts["cres"],
-        num_blocks=opts["blocks"],
-        attn_resolutions=opts["attn"],
+        model_channels=opts.get("cbase"),
+        channel_mult=opts.get("cres"),
+        num_blocks=opts.get("blocks"),
+        attn_resolutions=opts.get("attn"),
+        depth=opts.get("depth"),
+        width=opts.get("width"),
+        heads=opts.get("heads"),
+        dit_patch=opts.get("dit_patch"),
+        img_channels=opts.get("channels", 3),
     )
     if R % net.min_crop:
-        raise ValueError(f"--resolution {R} is not a multiple of {net.min_crop}, which --cres needs")
+        flag = "--dit-patch" if net.arch == "dit" else "--cres"
+        raise ValueError(f"--resolution {R} is not a multiple of {net.min_crop}, which {flag} needs")
+    latent = net.img_channels == 4  # --arch dit --paper: latent crop sizes R/2, R
     cfgs, schedules = {}, {}
     for name in CONFIGS:
-        patch = PatchConfig(schedule="full" if name == "full" else "stochastic", real_p=args.real_p)
+        patch = PatchConfig(
+            schedule="full" if name == "full" else "stochastic", real_p=args.real_p, latent=latent
+        )
         cfgs[name] = TrainConfig(
             network=net,
             patch=patch,
@@ -306,11 +331,20 @@ def describe(args: argparse.Namespace, opts: dict, setup: Setup) -> str:
 
     threads = f", {torch.get_num_threads()} threads" if setup.dev.type == "cpu" else ""
     name = torch.cuda.get_device_name(setup.dev) if setup.dev.type == "cuda" else "cpu"
-    cres = ",".join(map(str, opts["cres"]))
-    attn = ",".join(map(str, opts["attn"]))
+    if opts["arch"] == "dit":
+        shape = (
+            f"dit R={opts['resolution']}x{opts['channels']} depth={opts['depth']} width={opts['width']} "
+            f"heads={opts['heads']} p={opts['dit_patch']} ({(opts['resolution'] // opts['dit_patch']) ** 2} tokens)"
+        )
+    else:
+        cres = ",".join(map(str, opts["cres"]))
+        attn = ",".join(map(str, opts["attn"]))
+        shape = (
+            f"{opts['arch']} R={opts['resolution']} cbase={opts['cbase']} cres={cres} blocks={opts['blocks']} "
+            f"attn={attn}"
+        )
     return (
-        f"{opts['arch']} R={opts['resolution']} cbase={opts['cbase']} cres={cres} blocks={opts['blocks']} "
-        f"attn={attn} ({count_parameters(setup.denoiser.net):,} parameters), batch {opts['batch']}, "
+        f"{shape} ({count_parameters(setup.denoiser.net):,} parameters), batch {opts['batch']}, "
         f"{args.precision}{', channels-last' if args.channels_last else ''}; {name}{threads}; torch {torch.__version__}"
     )
 

@@ -52,7 +52,7 @@ CASES = [
 ]
 if not torch.cuda.is_available():
     CASES.append((["--device", "cuda"], "--device cuda: CUDA is not available"))
-CASES.append((["--device", "toaster"], "--device toaster: unknown device"))
+CASES.append((["--device", "toaster"], "--device 'toaster': not a device"))
 
 
 def check_refused(capsys, code, expected, outdir, also=""):

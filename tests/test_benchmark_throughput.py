@@ -62,3 +62,14 @@ def test_ideal_ratio_is_the_papers_2_71():
     assert images == pytest.approx(1.9)
     assert pixels == pytest.approx(0.7)
     assert ratio == pytest.approx(1.9 / 0.7)
+
+
+def test_dit_backbone_runs_and_reports_its_tokens():
+    dit = ["--arch", "dit", "--resolution", "16", "--depth", "1", "--width", "32", "--heads", "2"]
+    cmd = [sys.executable, str(SCRIPT), *dit, "--batch", "4", "--steps", "2", "--block", "2", "--warmup", "0"]
+    cmd += ["--profile-steps", "0", "--no-memory", "--threads", "1", "--device", "cpu"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].startswith("dit R=16x3 depth=1 width=32 heads=2 p=2 (64 tokens)")
+    assert re.fullmatch(r"patch/full throughput ratio: \d+\.\d{2}", lines[-1])

@@ -9,6 +9,18 @@ def test_parse_seeds():
     assert parse_seeds("1,5,10-12") == [1, 5, 10, 11, 12]
     with pytest.raises(ValueError, match="--seeds"):
         parse_seeds("a-b")
+    assert parse_seeds(f"{2**32 - 2}-{2**32 - 1}") == [2**32 - 2, 2**32 - 1]
+    for text, message in [
+        ("5-2", "reversed"),
+        ("1,1,1", "seed 1 appears more than once"),
+        ("0-3,2", "seed 2 appears more than once"),
+        (str(2**32), "below 2\\*\\*32"),
+        ("-1", "seeds >= 0"),
+        ("", "expected a list"),
+        ("0-100000000", "more than"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            parse_seeds(text)
 
 
 def test_an_image_depends_only_on_its_seed(tiny_run):

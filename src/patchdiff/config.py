@@ -7,14 +7,19 @@ snapshot alone is enough to rebuild its network (see training/checkpoint.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Arch = Literal["ddpmpp", "ncsnpp", "adm"]
+Arch = Literal["ddpmpp", "ncsnpp", "adm", "dit", "diffusers-unet"]
+# What the backbone predicts: EDM's F (preconditioned as in EDM Table 1), or a pretrained VP model's
+# noise (epsilon) or velocity (v), wrapped by precond_vp.VPDenoiser.
+Prediction = Literal["edm", "epsilon", "v_prediction"]
 ScheduleKind = Literal["stochastic", "progressive", "full"]
 Precision = Literal["fp32", "bf16", "fp16"]
+LatentNorm = Literal["sd", "channel"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,21 @@ class NetworkConfig:
     attn_resolutions: tuple[int, ...] = (16,)  # --attn
     dropout: float = 0.10
     label_dropout: float = 0.0  # probability of dropping the label in training (for guidance)
+    # DiT (arch "dit"): transformer depth, width, attention heads, token patch size p (apart from crops).
+    depth: int = 12
+    width: int = 384
+    heads: int = 6
+    dit_patch: int = 2
+    # diffusers UNet2DModel (arch "diffusers-unet"): its config as JSON, stored so a snapshot rebuilds
+    # without the hub; empty = built from model_channels / channel_mult / num_blocks / attn_resolutions.
+    unet_config: str = ""
+    init_from: str = ""  # pretrained weights (hub id or save_pretrained folder), loaded at training start
+    prediction: Prediction = "edm"
+    # The pretrained model's discrete VP schedule (diffusers scheduler config), for prediction != "edm".
+    beta_schedule: str = "linear"
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    num_train_timesteps: int = 1000
 
     @property
     def in_channels(self) -> int:
@@ -40,20 +60,61 @@ class NetworkConfig:
 
     @property
     def min_crop(self) -> int:
-        """Crop sizes must be multiples of this (one halving per U-Net level below the top)."""
+        """Crop sizes must be multiples of this (one halving per U-Net level below the top; the token
+        patch size of a DiT)."""
+        if self.arch == "dit":
+            return self.dit_patch
+        if self.arch == "diffusers-unet" and self.unet_config:
+            return 2 ** (unet_levels(self.unet_config) - 1)
         return 2 ** (len(self.channel_mult) - 1)
 
 
-def network_preset(arch: Arch, resolution: int = 64, **overrides: Any) -> NetworkConfig:
-    """The paper presets. DDPM++/NCSN++ as configured by EDM at 64x64; ADM as in Dhariwal & Nichol."""
+@functools.lru_cache(maxsize=8)
+def unet_levels(unet_config: str) -> int:
+    """Resolution levels of a stored diffusers UNet config (parsed once: min_crop is read every forward)."""
+    return len(json.loads(unet_config)["block_out_channels"])
+
+
+# DiT sizes (Peebles & Xie 2023, Table 1): depth, width, heads.
+DIT_SIZES: dict[str, tuple[int, int, int]] = {
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+
+
+def network_preset(
+    arch: Arch, resolution: int = 64, dit_size: str | None = None, **overrides: Any
+) -> NetworkConfig:
+    """The paper presets. DDPM++/NCSN++ as configured by EDM at 64x64; ADM as in Dhariwal & Nichol; DiT
+    sizes S/B/L/XL (`dit_size`, default S) with patch 2 and no dropout, as in Peebles & Xie; a diffusers
+    UNet2DModel laid out like DDPM++ (its attention at 16x16)."""
     if arch in ("ddpmpp", "ncsnpp"):
         base = dict(model_channels=128, channel_mult=(1, 2, 2, 2), num_blocks=4, attn_resolutions=(16,))
     elif arch == "adm":
         base = dict(model_channels=192, channel_mult=(1, 2, 3, 4), num_blocks=3, attn_resolutions=(32, 16, 8))
+    elif arch == "dit":
+        if (dit_size or "S") not in DIT_SIZES:
+            raise ValueError(f"unknown --dit-size {dit_size!r}; choose one of {', '.join(DIT_SIZES)}")
+        depth, width, heads = DIT_SIZES[dit_size or "S"]
+        base = dict(depth=depth, width=width, heads=heads, dit_patch=2, dropout=0.0)
+    elif arch == "diffusers-unet":
+        base = dict(model_channels=128, channel_mult=(1, 2, 2, 2), num_blocks=2, attn_resolutions=(16,))
     else:
-        raise ValueError(f"unknown --arch {arch!r}; choose one of ddpmpp, ncsnpp, adm")
+        raise ValueError(f"unknown --arch {arch!r}; choose one of {', '.join(typing.get_args(Arch))}")
     base.update({k: v for k, v in overrides.items() if v is not None})
     return NetworkConfig(arch=arch, resolution=resolution, **base)
+
+
+def latent_imagenet256_presets() -> dict[str, NetworkConfig]:
+    """DiT-B/2 and DiT-XL/2 on ImageNet-256 latents (the SD VAE's 32x32x4), 1000 classes with label
+    dropout 0.1 for classifier-free guidance, as in DiT and the Patch Diffusion paper's latent runs."""
+    common = dict(img_channels=4, label_dim=1000, label_dropout=0.1, dit_patch=2)
+    return {
+        "DiT-B/2": network_preset("dit", 32, dit_size="B", **common),
+        "DiT-XL/2": network_preset("dit", 32, dit_size="XL", **common),
+    }
 
 
 @dataclass(frozen=True)
@@ -83,6 +144,18 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
+class LatentConfig:
+    """Latent space (filled in from a latent data set; see latent.py). The network sees (z - shift) * scale
+    per channel, z a posterior sample of the VAE; `vae` empty means pixel space."""
+
+    vae: str = ""  # hub id or save_pretrained folder of the AutoencoderKL that made the data
+    norm: LatentNorm = "sd"  # "sd": z * 0.18215 (the paper); "channel": per-channel mean/std to sigma_data
+    shift: tuple[float, ...] = ()
+    scale: tuple[float, ...] = ()
+    pixel_size: tuple[int, ...] = ()  # (H, W) of the decoded images
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     data: str = ""
     outdir: str = "runs"
@@ -90,6 +163,7 @@ class TrainConfig:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     patch: PatchConfig = field(default_factory=PatchConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
     duration_kimg: float = 200_000.0  # length in thousands of images, counted as the paper does
     batch: int = 512  # full-size images per step, all processes together
     batch_gpu: int = 0  # per process and accumulation round; 0 = batch / world size (no accumulation)

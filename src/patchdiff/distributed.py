@@ -40,16 +40,28 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def parse_device(text: str) -> torch.device:
+    """--device text -> torch.device, refusing a device this machine does not have (before any work)."""
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"--device {text!r}: not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {text}: CUDA is not available on this machine; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {text}: unsupported device type; use cpu or cuda")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {text}: MPS is not available on this machine; use --device cpu")
+    return dev
+
+
 def init_from_env(device: str | None = None) -> torch.device:
     """Join the process group torchrun describes in the environment (a no-op without torchrun).
 
     NCCL on CUDA, gloo on CPU. Returns this process's device."""
-    try:
-        dev = torch.device(device) if device else default_device()
-    except RuntimeError:
-        raise ValueError(f"--device {device}: unknown device; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    dev = parse_device(device) if device else default_device()
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if dev.type == "cuda":

@@ -8,9 +8,12 @@ device, any batch size and any number of processes, up to floating-point roundin
 from __future__ import annotations
 
 import math
+import warnings
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,14 +21,19 @@ from PIL import Image
 from tqdm import tqdm
 
 from patchdiff.config import TrainConfig
+from patchdiff.latent import decode_to_pixels, load_vae
 from patchdiff.networks import build_network
 from patchdiff.precond import Denoiser
+from patchdiff.precond_vp import VPDenoiser
 from patchdiff.sampling import SAMPLERS, guided_denoiser
 from patchdiff.training.checkpoint import newest_snapshot, read_snapshot
 
 
-def build_denoiser(cfg: TrainConfig) -> Denoiser:
-    net = build_network(cfg.network)
+def build_denoiser(cfg: TrainConfig, pretrained: bool = True) -> Denoiser | VPDenoiser:
+    """pretrained: load cfg.network.init_from's weights (at training start; load() passes False)."""
+    net = build_network(cfg.network, pretrained=pretrained)
+    if cfg.network.prediction != "edm":  # a pretrained epsilon / v network
+        return VPDenoiser.from_config(net, cfg.network)
     return Denoiser(
         net, cfg.loss.sigma_data, use_coords=cfg.network.coord_channels > 0, label_dim=cfg.network.label_dim
     )
@@ -38,6 +46,7 @@ class Model:
     denoiser: Denoiser
     config: TrainConfig
     device: torch.device
+    vae: Any = None  # latent models: the latent.VAE that decodes (loaded from config.latent.vae when None)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -53,37 +62,112 @@ class Model:
         return self.config.network.label_dim
 
 
-def load(path: str | Path, device: str | torch.device | None = None) -> Model:
-    """A run directory (its newest snapshot) or a snapshot `.safetensors` file -> Model in eval mode."""
+def load(path: str | Path, device: str | torch.device | None = None, vae: str | None = None) -> Model:
+    """A run directory (its newest snapshot) or a snapshot `.safetensors` file -> Model in eval mode.
+    `vae` overrides the VAE a latent model decodes with (e.g. a local copy of the one it recorded)."""
     path = Path(path)
     if path.is_dir():
         path = newest_snapshot(path)
-    state, cfg, _ = read_snapshot(path)
+    try:
+        state, cfg, _ = read_snapshot(path)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # damaged file or metadata: JSON, config fields, safetensors' own errors
+        text = " ".join(str(error).split())
+        raise ValueError(text if str(path) in text else f"{path}: not a usable snapshot ({text})") from error
+    check_finite(state, path)
     device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    denoiser = build_denoiser(cfg)
-    missing, unexpected = denoiser.load_state_dict(state, strict=False)
+    try:
+        denoiser = build_denoiser(cfg, pretrained=False)  # the snapshot holds the weights: no hub needed
+        missing, unexpected = denoiser.load_state_dict(state, strict=False)
+    except (RuntimeError, ValueError, TypeError) as error:  # e.g. a tensor shape that the config contradicts
+        text = " ".join(str(error).split())[:300]
+        raise ValueError(f"{path}: weights do not fit the network its config describes ({text})") from error
     if missing or unexpected:
         raise ValueError(
             f"{path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
-    return Model(denoiser.to(device).eval().requires_grad_(False), cfg, device)
+    if vae and not cfg.latent.vae:
+        raise ValueError(f"--vae {vae} given, but {path} was trained on pixels and needs no VAE")
+    decoder = load_vae(vae, device) if vae else None
+    return Model(denoiser.to(device).eval().requires_grad_(False), cfg, device, decoder)
+
+
+def check_finite(state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Refuse weights holding NaN or infinity: they would sample black (or garbage) images."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(
+            f"{path}: {len(bad)} weight tensor(s) hold NaN or infinity (e.g. {bad[0]}); the run diverged "
+            "before this snapshot, so use an earlier snapshot"
+        )
+
+
+SEED_LIMIT = 2**32  # seeds are unsigned 32-bit, as in EDM (and numpy's legacy seeding)
+MAX_STEPS = 10_000  # the schedule is a Python list and each step a network call: more is surely a typo
+MAX_SEEDS = 10_000_000  # per call: beyond this a typo is likelier than a wish (and the list fills memory)
 
 
 def parse_seeds(text: str) -> list[int]:
-    """'0-99' or '1,5,10-12' -> a list of ints."""
+    """'0-99' or '1,5,10-12' -> a list of distinct ints in [0, 2**32); an empty or reversed range, a
+    repeated seed (which would overwrite its own image) or one out of range is an error."""
     seeds: list[int] = []
-    try:
-        for part in text.split(","):
-            lo, _, hi = part.partition("-")
-            seeds.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
-    except ValueError:
-        raise ValueError(f"--seeds {text!r}: expected a list like 0-99 or 1,5,10-12") from None
+    for part in text.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        try:
+            first, last = int(lo), int(hi) if dash else int(lo)
+        except ValueError:
+            raise ValueError(
+                f"--seeds {text!r}: expected a list like 0-99 or 1,5,10-12 (seeds >= 0)"
+            ) from None
+        if last < first:
+            raise ValueError(f"--seeds {text!r}: the range {part.strip()} is reversed; write {last}-{first}")
+        if last >= SEED_LIMIT:
+            raise ValueError(f"--seeds {text!r}: seed {last} is too large; seeds must be below 2**32")
+        if len(seeds) + last - first + 1 > MAX_SEEDS:
+            raise ValueError(f"--seeds {text!r}: more than {MAX_SEEDS} seeds; generate in several runs")
+        seeds.extend(range(first, last + 1))
+    if len(set(seeds)) != len(seeds):
+        repeated = next(s for s, n in Counter(seeds).items() if n > 1)
+        raise ValueError(f"--seeds {text!r}: seed {repeated} appears more than once; list each seed once")
     return seeds
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] floats -> uint8 [0, 255]."""
     return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
+def check_sampling_args(
+    model: Model, seeds: Sequence[int], batch_size: int, num_steps: int, class_label: int | None, cfg: float
+) -> None:
+    """Refuse settings that would fail late or silently mean nothing; warn about weak ones."""
+    if batch_size < 1:
+        raise ValueError(f"--batch {batch_size}: must be at least 1")
+    if not 1 <= num_steps <= MAX_STEPS:
+        raise ValueError(f"--steps {num_steps}: must be in 1..{MAX_STEPS} (EDM uses 18 to 256)")
+    if any(not 0 <= int(s) < SEED_LIMIT for s in seeds):
+        raise ValueError(f"seeds must be in 0..2**32-1; got {min(seeds)}..{max(seeds)}")
+    if class_label is not None and model.label_dim == 0:
+        raise ValueError(
+            f"--class {class_label} given but the model is unconditional (trained without --cond)"
+        )
+    if class_label is not None and not 0 <= class_label < model.label_dim:
+        raise ValueError(
+            f"--class {class_label} out of range: the model has classes 0..{model.label_dim - 1}"
+        )
+    if not math.isfinite(cfg):
+        raise ValueError(f"--cfg {cfg}: must be a finite number")
+    if cfg != 1.0 and model.label_dim == 0:
+        raise ValueError(
+            f"--cfg {cfg} needs a class-conditional model; this one is unconditional, so drop --cfg"
+        )
+    if cfg != 1.0 and model.config.network.label_dropout == 0:
+        warnings.warn(
+            f"--cfg {cfg}: the model was trained with label_dropout 0, so its unconditional output was never "
+            "trained and guidance is unreliable (train with --label-dropout 0.1)",
+            stacklevel=1,  # one location, so it prints once however often the check runs
+        )
 
 
 @torch.no_grad()
@@ -104,13 +188,10 @@ def iter_images(
     rho: float = 7.0,
     progress: bool = False,
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """Yield (seeds, uint8 images [B, C, H, W]) batch by batch."""
+    """Yield (seeds, uint8 images [B, C, H, W]) batch by batch; a latent model's samples are decoded."""
+    check_sampling_args(model, seeds, batch_size, num_steps, class_label, cfg_scale)
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
-    if class_label is not None and not 0 <= class_label < max(model.label_dim, 1):
-        raise ValueError(f"--class {class_label} out of range: the model has {model.label_dim} classes")
-    if class_label is not None and model.label_dim == 0:
-        raise ValueError("--class given but the model is unconditional (trained without --cond)")
     H, W = model.image_size
     C = model.img_channels
     seeds = list(seeds)
@@ -143,7 +224,12 @@ def iter_images(
             S_noise=S_noise,
             generator=gens,
         )
-        yield batch, to_uint8(x)
+        if not torch.isfinite(x).all():  # one sync per batch; never write black images as if all went well
+            raise RuntimeError(
+                f"sampling gave NaN or infinity for seeds {batch[0]}..{batch[-1]}; the model or the sampler "
+                "settings (--steps, --S-churn, --cfg) are unstable, so no images were written for them"
+            )
+        yield batch, to_uint8(decode_to_pixels(model, x))
 
 
 def generate(model: Model, seeds: Sequence[int], **kwargs) -> torch.Tensor:

@@ -213,6 +213,6 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing"):
         convert_dataset(tmp_path / "missing", tmp_path / "d.zip", progress=False)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no readable images"):
+    with pytest.raises(ValueError, match="holds no images"):
         convert_dataset(tmp_path / "empty", tmp_path / "d.zip", progress=False)
     assert leftovers(tmp_path) == [] and not (tmp_path / "d.zip").exists()

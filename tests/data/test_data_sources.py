@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from tests.data.images import png_bytes, rand_image, write_png
 
-from patchdiff.data.sources import open_source, read_idx
+from patchdiff.data.sources import open_source, read_idx, to_array
 
 
 def collect(source, on_bad=None):
@@ -81,6 +81,32 @@ def test_dataset_json_labels_and_missing_label(tmp_path):
     (tmp_path / "dataset.json").write_text(json.dumps({"labels": [["b.png", 1]]}))
     with pytest.raises(ValueError, match=r"dataset\.json.*x/a\.png"):
         open_source(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        ([["b.png", 1], ["ghost.png", 7]], r"not images of the set, e\.g\. ghost\.png"),
+        ([["b.png", 10**12]], r"bad labels entry.*0\.\.99999"),
+        ([["b.png", -1]], "bad labels entry"),
+        ([["b.png", 2.0]], "bad labels entry"),
+        ([["b.png", True]], "bad labels entry"),
+        ([["b.png", 1], ["b.png", 2]], "labelled twice"),
+    ],
+)
+def test_dataset_json_refuses_stray_and_absurd_labels(tmp_path, entries, message):
+    write_png(tmp_path / "b.png", rand_image(1))
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": entries}))
+    with pytest.raises(ValueError, match=rf"dataset\.json: .*{message}"):
+        open_source(tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I"])
+def test_sixteen_bit_grayscale_is_scaled_to_eight_bits(mode):
+    wide = np.array([[0, 257, 30000, 65535]], dtype=np.uint16)
+    image = Image.fromarray(wide) if mode == "I;16" else Image.fromarray(wide.astype(np.int32), mode="I")
+    assert image.mode == mode
+    assert to_array(image).tolist() == [[0, 1, 117, 255]]
 
 
 def test_zip_source_with_labels_skips_macos_debris(tmp_path):

@@ -142,7 +142,7 @@ def fake_generator(monkeypatch, real_folder):
             batch = list(seeds[i : i + batch_size])
             yield batch, real[[s % len(real) for s in batch]]
 
-    monkeypatch.setattr(patchdiff.generation, "load", lambda path, device=None: "loaded model")
+    monkeypatch.setattr(patchdiff.generation, "load", lambda path, device=None, vae=None: "loaded model")
     monkeypatch.setattr(patchdiff.generation, "iter_images", fake_iter_images)
 
 

@@ -125,6 +125,29 @@ def test_reference_errors_name_the_file(tmp_path):
         load_reference(tmp_path / "text.npz")
 
 
+def test_reference_must_be_a_covariance(tmp_path):
+    # Rank-deficient statistics (fewer images than features), as real small references are, load fine:
+    # their tiny negative eigenvalues are rounding. A clearly indefinite or asymmetric sigma does not.
+    rng = np.random.default_rng(0)
+    save_reference(
+        reference_from_features(rng.normal(size=(5, 64)) * 1e3, kid_features=0), tmp_path / "ok.npz"
+    )
+    assert load_reference(tmp_path / "ok.npz").feature_dim == 64
+    sigma = np.cov(rng.normal(size=(100, 8)), rowvar=False)
+    w, V = np.linalg.eigh(sigma)
+    w[0] = -0.01 * w[-1]  # one clearly negative eigenvalue: FID would come out as garbage (or 0)
+    cases = {
+        "indefinite": (np.zeros(8), (V * w) @ V.T, "sigma is not positive semi-definite"),
+        "asymmetric": (np.zeros(8), sigma + np.triu(np.full((8, 8), 0.1), 1), "sigma is not symmetric"),
+        "nan-sigma": (np.zeros(8), np.where(np.eye(8) > 0, np.nan, 0.0), "sigma holds NaN"),
+        "inf-mu": (np.full(8, np.inf), sigma, "mu holds NaN"),
+    }
+    for name, (mu, bad_sigma, message) in cases.items():
+        np.savez(tmp_path / f"{name}.npz", mu=mu, sigma=bad_sigma)
+        with pytest.raises(ValueError, match=rf"{name}\.npz: {message}"):
+            load_reference(tmp_path / f"{name}.npz")
+
+
 def test_score_features_fid_kid_and_dimension_check():
     rng = np.random.default_rng(7)
     real = rng.standard_normal((100, 6))

@@ -77,6 +77,29 @@ def test_output_starts_near_zero_and_depends_on_inputs(arch):
         assert not torch.allclose(net(x.flip(-1), c_noise)[0], y[0].flip(-1))  # the input matters
 
 
+@pytest.mark.parametrize("arch", ["ddpmpp", "ncsnpp"])
+def test_song_label_embedding_is_scaled_one_hot_plus_bias(arch):
+    # EDM: the one-hot label enters as y * sqrt(label_dim) through a linear map with a bias; the null
+    # label (all zeros) is then the bias alone, a learned embedding rather than a fixed zero.
+    K = 4
+    net = build_network(tiny(arch, label_dim=K)).eval()
+    seen = []
+    net.map_label.register_forward_hook(lambda module, args, out: seen.append((args[0], out)))
+    with torch.no_grad():
+        net.map_label.bias.normal_()  # as after training
+        x, c_noise = inputs(net.cfg, 3, 8, 8)
+        net(x, c_noise, torch.stack([torch.eye(K)[2], torch.eye(K)[0], torch.zeros(K)]))
+    (y, emb), W, b = seen[0], net.map_label.weight, net.map_label.bias
+    torch.testing.assert_close(y[0], torch.eye(K)[2] * K**0.5)  # unit mean square, like the noise embedding
+    torch.testing.assert_close(emb[0], 2.0 * W[:, 2] + b)  # sqrt(4) = 2
+    torch.testing.assert_close(emb[2], b)  # the null label
+    # Xavier-uniform init of the weight: the scaled one-hot gives each class an embedding of the noise
+    # embedding's order (unit-ish entries), not sqrt(label_dim) times smaller.
+    big = build_network(tiny(arch, label_dim=1000))
+    column_rms = (big.map_label.weight * 1000**0.5).pow(2).mean(dim=0).sqrt()
+    assert 0.3 < column_rms.mean() < 3.0
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_labels_and_label_dropout(arch):
     torch.manual_seed(0)
@@ -168,7 +191,8 @@ def test_architecture_details():
     assert "map_noise.freqs" not in ddpm.state_dict() and "map_noise.freqs" in ncsn.state_dict()
     assert ddpm.enc_aux is None and len(ncsn.enc_aux) == 1
     assert ddpm.resample_filter == (1, 1) and ncsn.resample_filter == (1, 3, 3, 1)
-    assert ddpm.map_label.bias is None and adm.map_label.bias is None
+    # Label maps as in EDM: DDPM++/NCSN++ with a bias (zero at init), ADM without one.
+    assert ddpm.map_label.bias is not None and not ddpm.map_label.bias.any() and adm.map_label.bias is None
     # Attention at level 1 only (plus the bottom block): the encoder block and, in the decoder, the last
     # block of the level (Song) or every block of the level (ADM).
     for net, expected in ((ddpm, 1 + 1 + 1), (adm, 1 + 1 + 2)):

@@ -37,10 +37,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--channels", type=int, choices=(1, 3), help="force grayscale (1) or RGB (3)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("latent space (needs patchdiff[latent])")
+    g.add_argument(
+        "--vae",
+        nargs="?",
+        const="stabilityai/sd-vae-ft-ema",
+        metavar="ID|PATH",
+        help="write a latent set (a folder): encode with this AutoencoderKL, a hub id or a save_pretrained "
+        "folder (no value: stabilityai/sd-vae-ft-ema, the paper's)",
+    )
+    g.add_argument("--shard-size", type=int, default=1000, help="images per shard (the unit of resuming)")
+    g.add_argument("--vae-batch", type=int, default=32, help="images per VAE batch")
+    g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.vae:
+        from patchdiff.latent import encode_from_args
+
+        print(encode_from_args(args).line())
+        return 0
     summary = convert_dataset(
         args.source,
         args.dest,

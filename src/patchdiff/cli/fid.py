@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
 from patchdiff import distributed
+from patchdiff.cli.checks import writable_file
 from patchdiff.metrics.detector import CONVENTIONS, Detector, load_detector
 from patchdiff.metrics.features import dataset_features, generated_features
 from patchdiff.metrics.fid import (
@@ -96,6 +98,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     calc.add_argument("--steps", type=int, default=18, help="sampler steps (with --model)")
     calc.add_argument("--class", dest="class_label", type=int, default=None, help="class of every image")
     calc.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale")
+    calc.add_argument(
+        "--vae", metavar="ID|PATH", help="latent models: decode with this VAE, not the recorded one"
+    )
     p.set_defaults(func=run)
 
 
@@ -115,6 +120,8 @@ def _timed(seconds: float, n: int) -> str:
 def run_ref(args: argparse.Namespace, device: torch.device) -> int:
     from patchdiff.data import ImageDataset
 
+    if distributed.is_main():
+        writable_file(Path(args.dest), "--dest")  # before the feature pass, not after it
     dataset = ImageDataset(args.data)
     detector = _load_detector(args, device)
     start = time.perf_counter()
@@ -135,6 +142,8 @@ def run_calc(args: argparse.Namespace, device: torch.device) -> int:
     check_reference(names, ref)
     if args.model is not None and (args.num is None or args.num < 2):
         raise ValueError("--model needs --num N (N >= 2 images to generate; 50000 for paper-comparable FID)")
+    if args.model is not None and not 0 <= args.seeds <= 2**32 - args.num:
+        raise ValueError(f"--seeds {args.seeds}: seeds START..START+N-1 must lie in 0..2**32-1")
     detector = _load_detector(args, device)
     start = time.perf_counter()
     if args.images is not None:
@@ -143,10 +152,11 @@ def run_calc(args: argparse.Namespace, device: torch.device) -> int:
         dataset = ImageDataset(args.images)
         features = dataset_features(dataset, detector, args.batch, args.num, args.progress, args.workers)
     else:
-        from patchdiff.generation import load
+        from patchdiff.generation import check_sampling_args, load
 
-        model = load(args.model, device)
+        model = load(args.model, device, vae=args.vae)
         seeds = range(args.seeds, args.seeds + args.num)
+        check_sampling_args(model, seeds, args.batch, args.steps, args.class_label, args.cfg)
         features = generated_features(
             model, detector, seeds, args.batch, args.steps, args.class_label, args.cfg, args.progress
         )
@@ -162,6 +172,12 @@ def run_calc(args: argparse.Namespace, device: torch.device) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.batch < 1:
+        raise ValueError(f"--batch {args.batch}: must be at least 1")
+    if args.workers < 0:
+        raise ValueError(f"--workers {args.workers}: must be 0 (decode in this process) or more")
+    if args.fid_command == "ref" and args.kid_features < 0:
+        raise ValueError(f"--kid-features {args.kid_features}: must be 0 (none) or more")
     device = distributed.init_from_env(args.device)
     if args.fid_command == "ref":
         return run_ref(args, device)

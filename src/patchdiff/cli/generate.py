@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,9 @@ import torch
 from PIL import Image
 
 from patchdiff import distributed as dist
-from patchdiff.generation import image_grid, iter_images, load, parse_seeds, to_pil
+from patchdiff.cli.checks import writable_dir, writable_file
+from patchdiff.generation import check_sampling_args, image_grid, iter_images, load, parse_seeds, to_pil
+from patchdiff.presets import SAMPLER_PRESETS, add_preset_flag
 from patchdiff.training.checkpoint import atomic_write
 
 
@@ -31,6 +35,11 @@ def add_sampler_flags(p: argparse.ArgumentParser) -> None:
 
 
 def sampler_kwargs(args: argparse.Namespace) -> dict:
+    if not (0 <= args.S_churn < math.inf and 0 <= args.S_noise < math.inf and args.S_min <= args.S_max):
+        raise ValueError(
+            f"--S-churn {args.S_churn}, --S-noise {args.S_noise}: need finite values >= 0, and "
+            f"--S-min {args.S_min} <= --S-max {args.S_max}"
+        )
     return dict(
         batch_size=args.batch,
         num_steps=args.steps,
@@ -59,22 +68,41 @@ def add_parser(subparsers) -> None:
     p.add_argument("--grid", help="also write all images as one grid PNG here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_sampler_flags(p)
+    p.add_argument(
+        "--vae", metavar="ID|PATH", help="latent models: decode with this VAE, not the recorded one"
+    )
+    add_preset_flag(p, SAMPLER_PRESETS)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    dev = dist.init_from_env(args.device)
-    model = load(args.model, dev)
-    seeds = parse_seeds(args.seeds)
+    seeds = parse_seeds(args.seeds)  # cheap checks first: before loading a model or making folders
     outdir = Path(args.outdir)
+    dev = dist.init_from_env(args.device)
+    if dist.is_main():  # one process probes, so that none removes a probe folder another is using
+        writable_dir(outdir, "--outdir")
+        if args.grid:
+            writable_file(Path(args.grid), "--grid")
+    model = load(args.model, dev, vae=args.vae)
+    check_sampling_args(model, seeds, args.batch, args.steps, args.class_label, args.cfg)
+    kwargs = sampler_kwargs(args)
+    made_outdir = not outdir.exists()
     outdir.mkdir(parents=True, exist_ok=True)
     mine = seeds[dist.rank() :: dist.world_size()]
-    for batch, images in iter_images(
-        model, mine, progress=dist.is_main() and not args.no_progress, **sampler_kwargs(args)
-    ):
-        for seed, image in zip(batch, images.cpu(), strict=True):
-            array = image.permute(1, 2, 0).numpy()
-            atomic_write(outdir / f"{seed:06d}.png", lambda tmp, a=array: to_pil(a).save(tmp, format="PNG"))
+    try:
+        for batch, images in iter_images(
+            model, mine, progress=dist.is_main() and not args.no_progress, **kwargs
+        ):
+            for seed, image in zip(batch, images.cpu(), strict=True):
+                array = image.permute(1, 2, 0).numpy()
+                atomic_write(
+                    outdir / f"{seed:06d}.png", lambda tmp, a=array: to_pil(a).save(tmp, format="PNG")
+                )
+    except BaseException:
+        if made_outdir:  # a failed run leaves no empty folder behind (finished images are kept)
+            with contextlib.suppress(OSError):
+                outdir.rmdir()
+        raise
     dist.barrier()
     if dist.is_main():
         if args.grid:

@@ -6,6 +6,8 @@ import argparse
 
 from patchdiff.report import write_report
 
+MAX_DPI = 1000
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -20,8 +22,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.dpi <= 0:
-        raise ValueError(f"--dpi must be positive, got {args.dpi}")
+    if not 0 < args.dpi <= MAX_DPI:  # the page is 18x10 inches: 1000 dpi is already 18000x10000 pixels
+        raise ValueError(f"--dpi must be in 1..{MAX_DPI}, got {args.dpi}")
     png_path, html_path = write_report(args.run_dir, dpi=args.dpi)
     print(png_path)
     print(html_path)

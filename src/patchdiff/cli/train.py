@@ -7,7 +7,8 @@ import dataclasses
 import os
 import sys
 
-from patchdiff.config import LossConfig, PatchConfig, TrainConfig, network_preset
+from patchdiff.config import DIT_SIZES, LatentConfig, LossConfig, PatchConfig, TrainConfig, network_preset
+from patchdiff.presets import TRAIN_PRESETS, add_preset_flag
 
 
 def comma_list(cast: type, example: str):
@@ -30,12 +31,38 @@ float_list = comma_list(float, "0.2,0.3,0.5")
 
 def add_network_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("network")
-    g.add_argument("--arch", choices=["ddpmpp", "ncsnpp", "adm"], default="ddpmpp", help="backbone preset")
+    g.add_argument(
+        "--arch",
+        choices=["ddpmpp", "ncsnpp", "adm", "dit", "diffusers-unet"],
+        default="ddpmpp",
+        help="backbone preset",
+    )
     g.add_argument("--cbase", type=int, help="base channels (preset: 128 ddpmpp/ncsnpp, 192 adm)")
     g.add_argument("--cres", type=int_list, help="channel multipliers per level, e.g. 1,2,2,2")
     g.add_argument("--blocks", type=int, help="residual blocks per level")
     g.add_argument("--attn", type=int_list, help="full-image resolutions with self-attention, e.g. 16")
-    g.add_argument("--dropout", type=float, default=0.10, help="dropout probability")
+    g.add_argument("--dropout", type=float, help="dropout probability (preset: 0.10; dit 0)")
+    add_backbone_flags(p)
+
+
+def add_backbone_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("transformer (--arch dit) and diffusers UNet (--arch diffusers-unet)")
+    g.add_argument("--dit-size", choices=list(DIT_SIZES), help="DiT preset depth/width/heads (default S)")
+    g.add_argument("--depth", type=int, help="DiT blocks (overrides --dit-size)")
+    g.add_argument("--width", type=int, help="DiT hidden width (overrides --dit-size)")
+    g.add_argument("--heads", type=int, help="DiT attention heads (overrides --dit-size)")
+    g.add_argument(
+        "--dit-patch", type=int, help="DiT token size p in pixels (2 on latents, 2 or 4 on pixels; default 2)"
+    )
+    g.add_argument(
+        "--init-from",
+        help="pretrained diffusers UNet2DModel to fine-tune: a hub id or a save_pretrained folder",
+    )
+    g.add_argument(
+        "--prediction",
+        choices=["edm", "epsilon", "v_prediction"],
+        help="what the diffusers UNet predicts (default: edm; with --init-from, its scheduler's type)",
+    )
 
 
 def add_parser(subparsers) -> None:
@@ -63,6 +90,12 @@ def add_parser(subparsers) -> None:
     )
     g.add_argument("--latent", action="store_true", help="latent-space default sizes R/2,R")
     g.add_argument("--no-coords", action="store_true", help="leave out the coordinate channels")
+    g.add_argument(
+        "--latent-norm",
+        choices=["sd", "channel"],
+        default="sd",
+        help="latent sets: scale by the VAE's 0.18215 (sd, the paper) or per-channel mean/std (channel)",
+    )
     g = p.add_argument_group("optimisation")
     g.add_argument(
         "--duration", type=float, default=200_000, help="training length in kimg (fractions allowed)"
@@ -127,16 +160,20 @@ def add_parser(subparsers) -> None:
     g.add_argument(
         "--dry-run", action="store_true", help="print the resolved config and parameter count, write nothing"
     )
+    add_preset_flag(p, TRAIN_PRESETS)  # last: it checks the flags it sets exist
     p.set_defaults(func=run)
-    # Record the defaults and parse every flag to None, so that a resumed run can tell the flags given
-    # on this command line (which override its saved settings) from defaults (which must not).
+    # Note which flags this command line gives, so that a resumed run can tell them (which override
+    # its saved settings) from defaults (which must not): every action also records its dest.
     for action in p._actions:
-        if action.dest not in ("help", "func") and action.default is not argparse.SUPPRESS:
-            DEFAULTS[action.dest] = action.default
-            action.default = None
+        if action.dest not in ("help", "func"):
+            action.__class__ = type(type(action).__name__, (type(action),), {"__call__": _record_given})
 
 
-DEFAULTS: dict = {}
+def _record_given(self, parser, namespace, values, option_string=None):
+    super(type(self), self).__call__(parser, namespace, values, option_string)
+    namespace.__dict__.setdefault("given_flags", set()).add(self.dest)
+
+
 # Flags that set a TrainConfig field of another name; a flag named like its field needs no entry, and
 # flags that are not settings (--resume, --grid, --device, ...) have none.
 FIELD_OF_FLAG = {
@@ -164,21 +201,21 @@ FIELD_OF_FLAG = {
     "snap": "snap_ticks",
     "checkpoint": "checkpoint_kimg",
     "no_cache": "cache",
+    "depth": "network.depth",
+    "width": "network.width",
+    "heads": "network.heads",
+    "dit_patch": "network.dit_patch",
+    "init_from": "network.init_from",
+    "prediction": "network.prediction",
+    "latent_norm": "latent.norm",
 }
 
 
 def explicit_fields(args: argparse.Namespace) -> frozenset[str]:
-    """The TrainConfig field paths set by flags given on the command line; fills in the defaults."""
+    """The TrainConfig field paths set by flags given on the command line."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    given = set()
-    for dest, default in DEFAULTS.items():
-        if getattr(args, dest, None) is None:
-            setattr(args, dest, default)
-        else:
-            path = FIELD_OF_FLAG.get(dest, dest)
-            if "." in path or path in fields:
-                given.add(path)
-    return frozenset(given)
+    paths = (FIELD_OF_FLAG.get(dest, dest) for dest in getattr(args, "given_flags", ()))
+    return frozenset(path for path in paths if "." in path or path in fields)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -190,7 +227,19 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         attn_resolutions=args.attn,
         dropout=args.dropout,
         label_dropout=args.label_dropout,
+        dit_size=args.dit_size,
+        depth=args.depth,
+        width=args.width,
+        heads=args.heads,
+        dit_patch=args.dit_patch,
+        init_from=args.init_from,
     )
+    if (args.init_from or args.prediction) and args.arch != "diffusers-unet":
+        raise ValueError(f"--init-from and --prediction need --arch diffusers-unet, not {args.arch!r}")
+    if args.arch == "diffusers-unet" and not args.resume:  # a resumed run keeps its saved network config
+        from patchdiff.networks.diffusers_unet import resolve_unet
+
+        net = resolve_unet(net, args.prediction)  # stores the UNet config: snapshots rebuild without the hub
     patch = PatchConfig(
         schedule=args.patch_schedule,
         real_p=args.real_p,
@@ -206,6 +255,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         network=net,
         patch=patch,
         loss=LossConfig(P_mean=args.P_mean, P_std=args.P_std),
+        latent=LatentConfig(norm=args.latent_norm),
         duration_kimg=args.duration,
         batch=args.batch,
         batch_gpu=args.batch_gpu,

@@ -26,6 +26,9 @@ from patchdiff.data.sources import LABELS_FILE, open_source
 Transform = Literal["center-crop", "center-crop-wide", "pad"]
 TRANSFORMS: tuple[str, ...] = ("center-crop", "center-crop-wide", "pad")
 SKIPPED_LISTED = 5  # how many skipped names the summary lists
+# Largest output side: one 4096x4096 RGB image is 48 MB decoded, and diffusion training at more than
+# that is out of reach; a larger value is almost surely a typo (and would be allocated per image).
+MAX_RESOLUTION = 4096
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
@@ -39,7 +42,16 @@ def parse_resolution(text: str) -> tuple[int, int]:
         sizes = sizes * 2
     if len(sizes) != 2 or min(sizes) < 1:
         raise ValueError(f"--resolution {text!r}: expected a size like 64 or HxW like 64x64")
+    check_resolution(sizes)  # type: ignore[arg-type]
     return sizes  # type: ignore[return-value]
+
+
+def check_resolution(size: tuple[int, int]) -> None:
+    if max(size) > MAX_RESOLUTION or min(size) < 1:
+        raise ValueError(
+            f"--resolution {size[0]}x{size[1]}: each side must be in 1..{MAX_RESOLUTION} "
+            f"(a {MAX_RESOLUTION}x{MAX_RESOLUTION} RGB image is already 48 MB); pick a smaller size"
+        )
 
 
 # --------------------------------------------------------------------------- geometry (np.uint8 HxW[xC])
@@ -122,10 +134,16 @@ class _Writer:
         self.tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
         self.is_zip = dest.suffix.lower() == ".zip"
         self._remove_tmp()
-        if self.is_zip:
-            self._zip = zipfile.ZipFile(self.tmp, "w", compression=zipfile.ZIP_STORED)  # PNGs are compressed
-        else:
-            self.tmp.mkdir()
+        try:
+            if self.is_zip:
+                self._zip = zipfile.ZipFile(
+                    self.tmp, "w", compression=zipfile.ZIP_STORED
+                )  # PNGs are compressed
+            else:
+                self.tmp.mkdir()
+        except BaseException:  # e.g. Ctrl-C between creating the file and returning: leave nothing
+            self._remove_tmp()
+            raise
 
     def write(self, name: str, data: bytes) -> None:
         if self.is_zip:
@@ -155,7 +173,24 @@ class _Writer:
             self.tmp.unlink()
 
 
-def _check_dest(dest: Path) -> None:
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+def _check_dest(dest: Path, source: Path) -> None:
+    src, out = source.resolve(), dest.resolve()
+    if src.is_dir() and out.is_relative_to(src):
+        raise ValueError(
+            f"--dest {dest} is inside --source {source}: a later run would read the output back as input; "
+            "choose a --dest outside the source folder"
+        )
+    if out == src:
+        raise ValueError(f"--dest {dest} is the --source itself; choose another --dest")
+    blocker = next((p for p in dest.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ValueError(f"--dest {dest}: {blocker} is a file, not a folder; choose another --dest")
     if dest.is_dir() and any(dest.iterdir()):
         raise ValueError(f"--dest {dest} is a folder that is not empty; remove it or choose another --dest")
     if dest.is_dir() and dest.suffix.lower() == ".zip":
@@ -242,9 +277,14 @@ def convert_dataset(
         raise ValueError(f"--channels must be 1 or 3, got {channels}")
     if transform is not None and resolution is None:
         raise ValueError(f"--transform {transform} needs --resolution HxW")
+    if resolution is not None:
+        check_resolution(resolution)
     src = open_source(source, class_folders=class_folders)
-    _check_dest(dest_path)
-    dest_path.parent.mkdir(parents=True, exist_ok=True)
+    if len(src) == 0:
+        raise ValueError(
+            f"--source {source} holds no images (.png, .jpg, .jpeg, .webp); point it at your images"
+        )
+    _check_dest(dest_path, Path(source))
 
     forced_channels = channels is not None
     skipped: list[str] = []
@@ -254,8 +294,16 @@ def convert_dataset(
     count = 0
     total = len(src) if max_images is None else min(len(src), max_images)
     items = src.items((lambda name, error: skipped.append(name)) if skip_bad else None)
-    writer = _Writer(dest_path)
+    made = [p for p in (dest_path.parent, *dest_path.parent.parents) if not p.exists()]  # deepest first
+    writer: _Writer | None = None
     try:
+        try:
+            dest_path.parent.mkdir(parents=True, exist_ok=True)
+            writer = _Writer(dest_path)
+        except OSError as error:
+            raise ValueError(
+                f"--dest {dest}: cannot write there ({error.strerror or error}); choose another --dest"
+            ) from None
         with contextlib.closing(items), tqdm(total=total, unit="img", disable=not progress) as bar:
             for name, image, label in items:
                 image = fit_image(image, resolution, transform, name)
@@ -279,7 +327,9 @@ def convert_dataset(
             writer.write(LABELS_FILE, json.dumps(meta).encode())
         writer.commit()
     except BaseException:
-        writer.abort()
+        if writer is not None:
+            writer.abort()
+        _remove_empty(made)  # a failed run leaves no trace, not even DEST's new parent folders
         raise
     assert shape is not None and channels is not None
     return ConvertSummary(

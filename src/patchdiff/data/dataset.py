@@ -24,6 +24,7 @@ from patchdiff.data.sources import (
     lookup_labels,
     parse_labels_json,
     probe_image,
+    read_member,
 )
 
 _FIX = "convert the data with `patchdiff dataset --source SRC --dest DEST --resolution HxW`"
@@ -69,23 +70,21 @@ class ImageDataset(torch.utils.data.Dataset):
             archive = self._archive()  # kept open for the reads below: a big zip's directory is slow to parse
             names = list_zip_images(archive)
             with contextlib.suppress(KeyError):  # KeyError: no dataset.json in the zip
-                json_text = archive.read(LABELS_FILE)
+                json_text = read_member(archive, LABELS_FILE, str(self.path))
         else:
             raise ValueError(f"dataset {path} is neither a folder nor a zip file; {_FIX}")
         if not names:
             raise ValueError(f"dataset {path} holds no .png/.jpg/.jpeg/.webp images; {_FIX}")
-        if max_images is not None:
-            if max_images < 1:
-                raise ValueError(f"max_images must be at least 1, got {max_images}")
-            names = names[:max_images]
-        self._names = names
+        if max_images is not None and max_images < 1:
+            raise ValueError(f"max_images must be at least 1, got {max_images}")
 
         where = self._where(LABELS_FILE)
         labels, num_classes = (None, 0) if json_text is None else parse_labels_json(json_text, where)
         self._has_labels = labels is not None
         self._num_classes = num_classes
-        values = [0] * len(names) if labels is None else lookup_labels(names, labels, where)
-        self._labels = np.asarray(values, dtype=np.int64)
+        values = [0] * len(names) if labels is None else lookup_labels(names, labels, where)  # all names
+        self._names = names[:max_images]
+        self._labels = np.asarray(values[:max_images], dtype=np.int64)
 
         self._shape = probe_image(self._read_bytes(names[0]), self._where(names[0]))  # (H, W, C)
         if verify:
@@ -175,7 +174,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def _read_bytes(self, name: str) -> bytes:
         if not self._is_zip:
             return (self.path / name).read_bytes()
-        return self._archive().read(name)
+        return read_member(self._archive(), name, str(self.path))
 
     def _archive(self) -> zipfile.ZipFile:
         # A ZipFile's handle must not be shared across processes (DataLoader workers fork with a copy

@@ -15,6 +15,7 @@ import pickle
 import re
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,12 @@ OnBad = Callable[[str, ValueError], None]  # told about an unreadable image inst
 
 # Modes that decode to one channel; everything else becomes RGB (alpha is dropped, palettes expanded).
 _GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+# 16-bit grayscale (PNG opens as I;16, some decoders give I): PIL's convert("L") clips them at 255, so
+# they are scaled to 8 bits instead (65535 -> 255).
+_WIDE_GRAY_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+# Class labels beyond this are a typo or a corrupt file, not a data set (ImageNet-21k has ~21k classes).
+MAX_CLASSES = 100_000
 
 
 # --------------------------------------------------------------------------- shared low-level readers
@@ -64,8 +70,29 @@ def channels_of_mode(mode: str) -> int:
 
 def to_array(image: Image.Image) -> np.ndarray:
     """PIL image -> np.uint8 HxW (grayscale modes) or HxWx3 (all others; RGBA loses its alpha)."""
+    if image.mode in _WIDE_GRAY_MODES:
+        wide = np.asarray(image, dtype=np.float64)
+        return np.clip(np.rint(wide * (255 / 65535)), 0, 255).astype(np.uint8)
     image = image.convert("L" if channels_of_mode(image.mode) == 1 else "RGB")
     return np.asarray(image, dtype=np.uint8).copy()
+
+
+# A damaged zip member: a bad CRC (BadZipFile), a broken deflate stream (zlib.error), a cut-off file.
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError)
+
+
+def read_member(archive: zipfile.ZipFile, name: str, where: str) -> bytes:
+    """One member's bytes; a damaged member is a ValueError naming it (like an undecodable image)."""
+    try:
+        return archive.read(name)
+    except _ZIP_ERRORS as error:
+        raise ValueError(f"{where}:{name}: damaged zip member ({error}); rebuild the zip") from error
+
+
+def _reason(error: BaseException) -> str:
+    """PIL's message without the in-memory buffer's repr ('<_io.BytesIO object at 0x...>'), which names
+    nothing the user can find."""
+    return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(error)) or type(error).__name__
 
 
 def decode_image(data: bytes, name: str) -> np.ndarray:
@@ -75,7 +102,9 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
             image.load()
             return to_array(image)
     except _DECODE_ERRORS as error:
-        raise ValueError(f"{name}: not a readable image ({error}); remove or replace the file") from error
+        raise ValueError(
+            f"{name}: not a readable image ({_reason(error)}); remove or replace the file"
+        ) from error
 
 
 def probe_image(data: bytes, name: str) -> tuple[int, int, int]:
@@ -84,7 +113,9 @@ def probe_image(data: bytes, name: str) -> tuple[int, int, int]:
         with Image.open(io.BytesIO(data)) as image:
             return image.height, image.width, channels_of_mode(image.mode)
     except _DECODE_ERRORS as error:
-        raise ValueError(f"{name}: not a readable image ({error}); remove or replace the file") from error
+        raise ValueError(
+            f"{name}: not a readable image ({_reason(error)}); remove or replace the file"
+        ) from error
 
 
 def parse_labels_json(text: bytes | str, where: str) -> tuple[dict[str, int] | None, int]:
@@ -107,21 +138,38 @@ def parse_labels_json(text: bytes | str, where: str) -> tuple[dict[str, int] | N
     labels: dict[str, int] = {}
     for pair in pairs:
         ok = isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)
-        if not ok or not isinstance(pair[1], int) or isinstance(pair[1], bool) or pair[1] < 0:
-            raise ValueError(f"{where}: bad labels entry {pair!r}; expected [relative/path.png, int >= 0]")
-        labels[pair[0].replace("\\", "/")] = pair[1]
+        ok = ok and isinstance(pair[1], int) and not isinstance(pair[1], bool) and 0 <= pair[1] < MAX_CLASSES
+        if not ok:
+            raise ValueError(
+                f"{where}: bad labels entry {str(pair)[:80]}; expected [relative/path.png, int label "
+                f"in 0..{MAX_CLASSES - 1}]"
+            )
+        name = pair[0].replace("\\", "/")
+        if name in labels:
+            raise ValueError(f"{where}: {name} is labelled twice; keep one entry per image")
+        labels[name] = pair[1]
     num_classes = max(labels.values(), default=-1) + 1
     declared = meta.get("num_classes", 0)
-    if not isinstance(declared, int) or declared < 0:
-        raise ValueError(f"{where}: 'num_classes' must be a non-negative int, got {declared!r}")
+    bad = not isinstance(declared, int) or isinstance(declared, bool) or not 0 <= declared <= MAX_CLASSES
+    if bad:
+        raise ValueError(f"{where}: 'num_classes' must be an int in 0..{MAX_CLASSES}, got {declared!r}")
     return labels, max(num_classes, declared)
 
 
 def lookup_labels(names: list[str], labels: dict[str, int], where: str) -> list[int]:
+    """The label of every image in `names` (all images of the set); a label for a file that is not an
+    image of the set is an error too, since it would still count as a class."""
     missing = [n for n in names if n not in labels]
     if missing:
         raise ValueError(
             f"{where}: no label for {len(missing)} image(s), e.g. {missing[0]}; add them or drop the file"
+        )
+    present = set(names)
+    extra = [n for n in labels if n not in present]
+    if extra:
+        raise ValueError(
+            f"{where}: {len(extra)} label(s) for files that are not images of the set, e.g. {extra[0]}; "
+            "remove those entries"
         )
     return [labels[n] for n in names]
 
@@ -226,13 +274,22 @@ def folder_source(root: Path, class_folders: bool = False) -> Source:
 def zip_source(path: Path, class_folders: bool = False) -> Source:
     with zipfile.ZipFile(path) as archive:
         names = list_zip_images(archive)
-        json_text = archive.read(LABELS_FILE) if LABELS_FILE in archive.namelist() else None
+        json_text = (
+            read_member(archive, LABELS_FILE, str(path)) if LABELS_FILE in archive.namelist() else None
+        )
     labels, num_classes = _labels_for(names, class_folders, json_text, str(path))
 
     def items(on_bad: OnBad | None) -> Iterator[Item]:
         with zipfile.ZipFile(path) as archive:
             for i, name in enumerate(names):
-                image = _decode_or_report(archive.read(name), f"{path}:{name}", on_bad)
+                try:
+                    data = read_member(archive, name, str(path))
+                except ValueError as error:
+                    if on_bad is None:
+                        raise
+                    on_bad(f"{path}:{name}", error)
+                    continue
+                image = _decode_or_report(data, f"{path}:{name}", on_bad)
                 if image is not None:
                     yield f"{path}:{name}", image, None if labels is None else labels[i]
 
@@ -254,6 +311,8 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
         raise ValueError(f"{path}: cannot read IDX file ({error})") from error
     header = 4 + 4 * ndim
     magic = (_IDX_MAGIC_UBYTE << 8) | ndim  # 0x00000803 for images, 0x00000801 for labels
+    if len(data) >= 4 and int.from_bytes(data[:4], "big") == magic and len(data) < header:
+        raise ValueError(f"{path}: IDX file cut short ({len(data)} bytes, the header alone is {header})")
     if len(data) < header or int.from_bytes(data[:4], "big") != magic:
         found = data[:4].hex() if len(data) >= 4 else "nothing"
         raise ValueError(

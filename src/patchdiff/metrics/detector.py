@@ -196,9 +196,10 @@ def load_detector(
     device = torch.device(device)
     try:
         net = torch.jit.load(str(file), map_location=device)
-    except RuntimeError as error:
+    except (RuntimeError, ValueError, OSError) as error:
+        reason = str(error).strip().split(". ")[0]  # torch's first sentence; the rest is generic advice
         raise RuntimeError(
-            f"detector {file} is not a TorchScript archive ({error}); give a file saved with torch.jit.save "
+            f"detector {file} is not a TorchScript archive ({reason}); give a file saved with torch.jit.save "
             "(pickled checkpoints are not loaded)"
         ) from error
     chosen: Convention = detect_convention(net) if convention == "auto" else convention

@@ -136,7 +136,7 @@ def load_reference(path: str | os.PathLike) -> Reference:
     try:
         with np.load(file, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError) as error:
+    except Exception as error:  # OSError, ValueError, BadZipFile, EOFError, or a bare .npy (no `with`)
         raise ValueError(f"--ref {path}: not a readable .npz reference file ({error})") from error
     if "mu" not in arrays or "sigma" not in arrays:
         raise ValueError(f"--ref {path}: needs arrays 'mu' and 'sigma'; found {sorted(arrays)}")
@@ -147,7 +147,42 @@ def load_reference(path: str | os.PathLike) -> Reference:
             f"--ref {path}: inconsistent shapes mu {list(mu.shape)}, sigma {list(sigma.shape)}"
             + ("" if features is None else f", features {list(features.shape)}")
         )
-    return Reference(mu.astype(np.float64), sigma.astype(np.float64), features, str(path))
+    numeric = all(
+        np.issubdtype(a.dtype, np.number) for a in (mu, sigma, *([] if features is None else [features]))
+    )
+    if D < 1 or not numeric:
+        raise ValueError(f"--ref {path}: mu, sigma (and features) must be non-empty numeric arrays")
+    mu, sigma = mu.astype(np.float64), sigma.astype(np.float64)
+    if features is not None:
+        features = features.astype(np.float32)
+    problem = covariance_problem(sigma) or (None if np.isfinite(mu).all() else "mu holds NaN or infinity")
+    if problem is None and features is not None and not np.isfinite(features).all():
+        problem = "features hold NaN or infinity"
+    if problem:
+        raise ValueError(f"--ref {path}: {problem}; the file is damaged or was not made as FID statistics")
+    return Reference(mu, sigma, features, str(path))
+
+
+# A covariance from float32 features, saved as float64, is symmetric to rounding and PSD up to rounding
+# (its smallest eigenvalues may be ~-1e-12 of the largest); anything beyond this is not a covariance.
+COVARIANCE_TOL = 1e-6
+
+
+def covariance_problem(sigma: np.ndarray, tol: float = COVARIANCE_TOL) -> str | None:
+    """Why `sigma` [D, D] is not a covariance matrix (not finite, not symmetric, not PSD), or None.
+
+    PSD is tested with a Cholesky factorisation of sigma + tol * scale * I, which succeeds exactly when
+    the smallest eigenvalue is above -tol * scale: one n^3/3 factorisation instead of an eigensolve."""
+    if not np.isfinite(sigma).all():
+        return "sigma holds NaN or infinity"
+    scale = max(float(np.abs(sigma).max(initial=0.0)), 1e-300)
+    if np.abs(sigma - sigma.T).max(initial=0.0) > tol * scale:
+        return "sigma is not symmetric"
+    try:
+        np.linalg.cholesky((sigma + sigma.T) / 2 + tol * scale * np.eye(len(sigma)))
+    except np.linalg.LinAlgError:
+        return "sigma is not positive semi-definite (it has clearly negative eigenvalues)"
+    return None
 
 
 # --------------------------------------------------------------------------- scoring

@@ -15,24 +15,42 @@ from torch import nn
 
 from patchdiff.config import NetworkConfig
 from patchdiff.networks.adm import ADMUNet
+from patchdiff.networks.diffusers_unet import DiffusersUNet, load_pretrained
+from patchdiff.networks.dit import DiT
 from patchdiff.networks.songunet import SongUNet, ddpmpp, ncsnpp
 
-__all__ = ["ARCHITECTURES", "ADMUNet", "SongUNet", "build_network", "count_parameters"]
+__all__ = [
+    "ARCHITECTURES",
+    "ADMUNet",
+    "DiT",
+    "DiffusersUNet",
+    "SongUNet",
+    "build_network",
+    "count_parameters",
+]
 
 # The explicit map from cfg.arch to a constructor.
 ARCHITECTURES: dict[str, Callable[[NetworkConfig], nn.Module]] = {
     "ddpmpp": ddpmpp,
     "ncsnpp": ncsnpp,
     "adm": ADMUNet,
+    "dit": DiT,
+    "diffusers-unet": DiffusersUNet,  # needs diffusers, imported when built
 }
 
 
-def build_network(cfg: NetworkConfig) -> nn.Module:
-    """The backbone named by cfg.arch, freshly initialised (on the CPU, float32)."""
+def build_network(cfg: NetworkConfig, pretrained: bool = False) -> nn.Module:
+    """The backbone named by cfg.arch, freshly initialised (on the CPU, float32); with `pretrained`, the
+    weights of cfg.init_from (training start; a snapshot brings its own weights)."""
     build = ARCHITECTURES.get(cfg.arch)
     if build is None:
         raise ValueError(f"unknown --arch {cfg.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
-    return build(cfg)
+    net = build(cfg)
+    if pretrained and cfg.init_from:
+        if not isinstance(net, DiffusersUNet):
+            raise ValueError(f"--init-from needs --arch diffusers-unet, not {cfg.arch!r}")
+        load_pretrained(net, cfg.init_from)
+    return net
 
 
 def count_parameters(net: nn.Module) -> int:

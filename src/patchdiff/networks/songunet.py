@@ -10,7 +10,7 @@ Both variants share the layout below; they differ in three places:
 
 Layout, for L = len(channel_mult) levels, level 0 at full resolution:
 
-    emb = SiLU(W1 SiLU(W0 (noise_embedding(c_noise) + W_label y)))     [N, 4 * model_channels]
+    emb = SiLU(W1 SiLU(W0 (noise_embedding(c_noise) + W_label sqrt(K) y + b_label)))  [N, 4 * mc]
     encoder: conv3x3; per level: (down ResBlock if level > 0) + num_blocks ResBlocks
     bottom:  ResBlock + attention, ResBlock
     decoder: per level from the bottom: (up ResBlock if not the bottom) + num_blocks + 1 ResBlocks, each
@@ -87,7 +87,11 @@ class SongUNet(nn.Module):
             self.map_noise = FourierEmbedding(noise_channels)
         else:
             raise ValueError(f"unknown noise embedding {embedding!r}; choose positional or fourier")
-        self.map_label = linear(cfg.label_dim, noise_channels, INIT, bias=False) if cfg.label_dim else None
+        # Labels as in EDM: one-hot y enters as y * sqrt(label_dim) through a linear map with a bias (zero at
+        # init). The scale gives the one-hot input unit mean square per row, like the noise embedding. The
+        # null label stays the all-zero row: it maps to the bias alone, a learned "no class" embedding that
+        # label dropout trains and classifier-free guidance uses.
+        self.map_label = linear(cfg.label_dim, noise_channels, INIT) if cfg.label_dim else None
         self.map_layer0 = linear(noise_channels, emb_channels, INIT)
         self.map_layer1 = linear(emb_channels, emb_channels, INIT)
 
@@ -163,7 +167,7 @@ class SongUNet(nn.Module):
         dtype = self.map_layer0.weight.dtype  # float32 unless the whole network was cast
         emb = self.map_noise(noise_labels).to(dtype)  # [N, noise_channels]
         if self.map_label is not None and labels is not None:
-            emb = emb + self.map_label(labels.to(dtype))
+            emb = emb + self.map_label(labels.to(dtype) * math.sqrt(self.cfg.label_dim))
         emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))  # [N, emb_channels]
 
         aux = x

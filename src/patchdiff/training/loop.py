@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from patchdiff import distributed as dist
 from patchdiff.config import TrainConfig, to_json
 from patchdiff.generation import build_denoiser
+from patchdiff.latent import prepare_batch
 from patchdiff.loss import edm_loss
 from patchdiff.networks import count_parameters
 from patchdiff.patching import random_patches
@@ -54,7 +55,7 @@ def train_step(
     loss_sum, n = torch.zeros((), device=dev), 0
     for r, (images, labels) in enumerate(rounds_data):
         n = images.shape[0]
-        y = images.to(dev, non_blocking=True).to(torch.float32) / 127.5 - 1
+        y = prepare_batch(images, dev, cfg)  # pixels to [-1, 1], or a fresh latent sample
         y, coords = random_patches(y, crop)
         label_dim = cfg.network.label_dim
         # One-hot on the host: on CUDA, one_hot would check the label range with a device sync.
@@ -106,7 +107,7 @@ def train(
             for change in setup.changes:
                 print(f"resume: {change} (from the command line)")
             print(to_json(cfg))
-            print(f"parameters: {count_parameters(build_denoiser(cfg).net):,}")
+            print(f"parameters: {count_parameters(build_denoiser(cfg, pretrained=False).net):,}")
             print(
                 f"crop sizes {schedule.sizes} p={tuple(round(p, 3) for p in schedule.probs)}, images/step "
                 f"{plan.images_per_step}, expected {plan.expected_images:.1f}, {plan.total_steps} steps"

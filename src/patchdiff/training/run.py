@@ -77,7 +77,7 @@ class Run:
         self.train_step = train_step  # training/loop.py's, passed in so that this module stays below it
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every process and every run
-        self.denoiser = build_denoiser(cfg).to(dev)
+        self.denoiser = build_denoiser(cfg, pretrained=state is None).to(dev)  # a resumed run has its weights
         self.ema = copy.deepcopy(self.denoiser).eval().requires_grad_(False)
         self.optimizer = torch.optim.Adam(self.denoiser.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=cfg.precision == "fp16")

@@ -14,7 +14,8 @@ from typing import Any
 
 from patchdiff import distributed as dist
 from patchdiff.config import TrainConfig, from_json, to_dict
-from patchdiff.data import ImageDataset
+from patchdiff.data import ImageDataset, open_dataset
+from patchdiff.data.latents import resolve_latent
 from patchdiff.patching import PatchSchedule, resolve_schedule
 from patchdiff.training.checkpoint import StateError, check_state, find_resume_state, load_state
 from patchdiff.training.lock import RunLock, RunLockedError
@@ -35,7 +36,8 @@ NON_NEGATIVE = (
 )
 # A resumed run's network must match its saved weights.
 FIXED_ON_RESUME = ("network.arch", "network.model_channels", "network.channel_mult", "network.num_blocks")
-FIXED_ON_RESUME += ("network.attn_resolutions", "cond", "patch.coords")
+FIXED_ON_RESUME += ("network.attn_resolutions", "cond", "patch.coords", "network.depth", "network.width")
+FIXED_ON_RESUME += ("network.heads", "network.dit_patch", "network.prediction", "latent.norm")
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -240,8 +242,8 @@ def prepare(cfg: TrainConfig, resume: str | None, world: int, overrides=None, lo
         if state_path is not None:
             state, counters, cfg, changes = read_resumed(state_path, cfg, overrides)
             check_config(cfg)
-        dataset = ImageDataset(cfg.data, xflip=cfg.xflip, cache=cfg.cache)
-        cfg = resolve(cfg, dataset)
+        dataset = open_dataset(cfg.data, xflip=cfg.xflip, cache=cfg.cache)
+        cfg = resolve(resolve_latent(cfg, dataset), dataset)
         schedule = resolve_schedule(cfg.patch, tuple(cfg.image_size), cfg.network.min_crop)
         batch_gpu, rounds = batch_split(cfg, world)
         if cfg.metrics:
