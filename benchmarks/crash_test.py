@@ -73,6 +73,7 @@ def kill_once(cmd: list[str], env: dict, outdir: Path, trace: Path, kind: str, r
     """Start a run and kill -9 it at a moment of the given kind; returns "" if it finished first, else
     what the kill hit ("mid-write" when a temporary file of an atomic write existed at the kill)."""
     trace.unlink(missing_ok=True)
+    stale = set(outdir.glob("*/.*.tmp"))  # left by the previous kill; this run removes them
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     if kind == "start-up":
@@ -85,14 +86,14 @@ def kill_once(cmd: list[str], env: dict, outdir: Path, trace: Path, kind: str, r
         else:  # the moment a temporary file of an atomic write appears
             until = time.time() + rng.uniform(0.5, 2.0)
             while proc.poll() is None and time.time() < until:
-                if any(outdir.glob("*/.*.tmp")):
+                if set(outdir.glob("*/.*.tmp")) - stale:
                     break
                 time.sleep(0.001)
     if proc.poll() is not None:
         if proc.returncode != 0:
             raise SystemExit(f"a resumed run failed (exit {proc.returncode}):\n{proc.stderr.read()[-2000:]}")
         return ""
-    mid_write = any(outdir.glob("*/.*.tmp"))
+    mid_write = bool(set(outdir.glob("*/.*.tmp")) - stale)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     proc.stderr.close()
