@@ -19,6 +19,7 @@ import importlib.util
 import os
 import tempfile
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -195,7 +196,13 @@ def load_detector(
     file = resolve_detector_path(path)
     device = torch.device(device)
     try:
-        net = torch.jit.load(str(file), map_location=device)
+        # The published detectors are TorchScript files; torch's notice that jit is deprecated is ours to
+        # handle, not the user's, so it is not shown.
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=".*torch.jit.load.*deprecated", category=DeprecationWarning
+            )
+            net = torch.jit.load(str(file), map_location=device)
     except (RuntimeError, ValueError, OSError) as error:
         reason = str(error).strip().split(". ")[0]  # torch's first sentence; the rest is generic advice
         raise RuntimeError(
