@@ -30,9 +30,21 @@ def write_study(path, landscapes, detector, **overrides):
     return path
 
 
+def compare_cmd(study, outdir):
+    return [
+        sys.executable,
+        "-m",
+        "patchdiff",
+        "compare",
+        str(study),
+        "--outdir",
+        str(outdir),
+        "--no-progress",
+    ]
+
+
 def compare(study, outdir):
-    cmd = [sys.executable, "-m", "patchdiff", "compare", str(study), "--outdir", str(outdir), "--no-progress"]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    return subprocess.run(compare_cmd(study, outdir), capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
@@ -67,6 +79,10 @@ def test_tiny_study_writes_table_and_plots_and_does_not_retrain(tmp_path, landsc
     assert "training" not in second.stdout
     assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
     assert (out / "runs" / "full" / "train.log").read_text().count("$ ") == 1
+
+    (out / "results.md").unlink()
+    redraw = subprocess.run([*compare_cmd(study, out), "--results-only"], capture_output=True, text=True)
+    assert redraw.returncode == 0 and "| patch |" in (out / "results.md").read_text()
 
     # A configuration without its result (an interrupted run) resumes from its training state.
     (out / "runs" / "patch" / "result.json").unlink()
@@ -107,7 +123,7 @@ def test_cli_reports_a_bad_study_in_one_line(tmp_path, landscapes, tiny_detector
     proc = compare(path, tmp_path / "out")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"patchdiff compare: error: {path}: points 0 must be at least 1"
+        f"patchdiff compare: error: {path}: points 0 must be at least 1 (and a configuration's >= 0)"
     ]
 
 

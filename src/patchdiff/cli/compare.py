@@ -19,6 +19,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("study", metavar="STUDY.json", help="the study file")
     p.add_argument("--outdir", required=True, help="where the runs and the results go")
     p.add_argument("--plan-only", action="store_true", help="print each configuration's kimg and stop")
+    p.add_argument(
+        "--results-only", action="store_true", help="redraw results.md and plots from finished configurations"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -26,7 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from patchdiff.compare import load_study, plan_study, run_study, write_results
+    from patchdiff.compare import finished_results, load_study, plan_study, run_study, write_results
 
     study = load_study(args.study)
     outdir = Path(args.outdir)
@@ -36,9 +39,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name}: {entry['flops_per_image']:.4g} FLOPs/image -> {entry['kimg']:.3f} kimg")
     if args.plan_only:
         return 0
-    results = run_study(
-        study, outdir, progress=not args.no_progress, on_start=lambda n: print(f"training {n}")
-    )
+    if args.results_only:
+        results = finished_results(study, outdir)
+        if not results:
+            raise ValueError(f"no configuration of {args.study} has finished in {outdir} yet")
+    else:
+        results = run_study(
+            study, outdir, progress=not args.no_progress, on_start=lambda n: print(f"training {n}")
+        )
     budget = next(iter(plan.values()))["budget_flops"]
     paths = write_results(results, outdir, budget)
     print(paths["table"])

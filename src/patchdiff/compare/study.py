@@ -14,8 +14,9 @@ Instead of `budget_flops`, `budget_kimg` with `budget_of` sets the budget to wha
 
 Each configuration trains for the kimg that spends the budget (flops.py), so the comparison does
 not depend on the machine or its load; training time is recorded too. Metrics are computed at
-`points` evenly spaced snapshots. Training runs as a subprocess of `python -m patchdiff train`
-(or `launcher` + `patchdiff train`, e.g. ["torchrun", "--nproc_per_node", "8", "-m"]).
+`points` evenly spaced snapshots (a configuration may set its own "points"). Training runs as a
+subprocess of `python -m patchdiff train` (or `launcher` + `patchdiff train`, e.g.
+["torchrun", "--nproc_per_node", "8", "-m"]).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ RESULT_FILE = "result.json"  # in runs/<name>/ once that configuration has finis
 class StudyRun:
     name: str
     flags: tuple[str, ...] = ()
+    points: int = 0  # metric evaluations of this run; 0 = the study's `points`
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,10 @@ def load_study(path: str | os.PathLike) -> StudyConfig:
     if not isinstance(runs, list) or not runs:
         raise ValueError(f'study file {path} needs "configs": a list of {{"name": ..., "flags": [...]}}')
     try:
-        configs = tuple(StudyRun(name=r["name"], flags=tuple(r.get("flags", ()))) for r in runs)
+        configs = tuple(
+            StudyRun(name=r["name"], flags=tuple(r.get("flags", ())), points=int(r.get("points", 0)))
+            for r in runs
+        )
         study = from_dict(StudyConfig, {**data, "configs": ()})
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"study file {path}: {error}") from None
@@ -122,8 +127,8 @@ def check_study(study: StudyConfig, source: str | os.PathLike = "study") -> None
         raise ValueError(
             f"{source}: budget_of {study.budget_of!r} must name one of the configurations {names}"
         )
-    if study.points < 1:
-        raise ValueError(f"{source}: points {study.points} must be at least 1")
+    if study.points < 1 or any(c.points < 0 for c in study.configs):
+        raise ValueError(f"{source}: points {study.points} must be at least 1 (and a configuration's >= 0)")
     if not Path(study.data).exists():
         raise FileNotFoundError(f"{source}: data set {study.data!r} does not exist")
 
@@ -242,10 +247,16 @@ def run_study(
     return results
 
 
+def finished_results(study: StudyConfig, outdir: str | os.PathLike) -> dict[str, dict]:
+    """The results of the configurations that have finished, in study order."""
+    paths = {run.name: Path(outdir) / "runs" / run.name / RESULT_FILE for run in study.configs}
+    return {name: json.loads(p.read_text()) for name, p in paths.items() if p.is_file()}
+
+
 def train_one(study: StudyConfig, run: StudyRun, entry: dict, run_out: Path, bar) -> dict:
     kimg = entry["kimg"]
     # Ticks a hair longer than kimg/points: the last evaluation is the one at the end of training.
-    tick = kimg / study.points * (1 + 1e-6)
+    tick = kimg / (run.points or study.points) * (1 + 1e-6)
     cmd = [*train_command(study, run), "--outdir", str(run_out), "--duration", f"{kimg:.6f}"]
     cmd += ["--tick", f"{tick:.6f}", "--snap", "1", "--grid", str(study.grid), "--no-progress"]
     if study.metrics:
