@@ -17,7 +17,7 @@ from patchdiff.report.series import as_float, last_metrics, latest_grid, metric_
 
 
 def _fmt_flops(flops: float) -> str:
-    for scale, unit in ((1e15, "P"), (1e12, "T"), (1e9, "G")):
+    for scale, unit in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M")):
         if flops >= scale:
             return f"{flops / scale:.3g} {unit}"
     return f"{flops:.3g}"

@@ -268,7 +268,8 @@ def train_one(study: StudyConfig, run: StudyRun, entry: dict, run_out: Path, bar
         cmd += ["--resume", str(previous)]
     wall_path = run_out / "wall_s.txt"  # wall time of earlier, interrupted invocations
     wall_before = float(wall_path.read_text()) if wall_path.is_file() else 0.0
-    done_before = latest_kimg(previous) / kimg * entry["budget_flops"] / 1e12
+    budget = entry["budget_flops"] / 1e12  # TFLOP; a run's last step may pass its kimg by a little
+    done_before = min(latest_kimg(previous) / kimg * budget, budget)
     bar.update(done_before)
     start = time.time()
     with open(run_out / "train.log", "a") as log:
@@ -278,7 +279,7 @@ def train_one(study: StudyConfig, run: StudyRun, entry: dict, run_out: Path, bar
         shown = done_before
         while proc.poll() is None:
             time.sleep(1.0)
-            now = latest_kimg(run_dir_of(run_out)) / kimg * entry["budget_flops"] / 1e12
+            now = min(latest_kimg(run_dir_of(run_out)) / kimg * budget, budget)
             bar.update(max(0.0, now - shown))
             shown = max(shown, now)
             atomic_write_text(wall_path, str(wall_before + time.time() - start))
@@ -289,7 +290,7 @@ def train_one(study: StudyConfig, run: StudyRun, entry: dict, run_out: Path, bar
             f"training configuration {run.name!r} failed (exit {proc.returncode}); see {run_out / 'train.log'}. "
             "Run the study again to resume it."
         )
-    bar.update(max(0.0, entry["budget_flops"] / 1e12 - shown))
+    bar.update(max(0.0, budget - shown))
     run_dir = run_dir_of(run_out)
     result = dict(
         name=run.name,
