@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from patchdiff.config import LossConfig
@@ -36,3 +37,37 @@ def test_loss_scale_does_not_depend_on_crop_size():
         [edm_loss(lambda x, s, c, l: 0 * x, torch.randn(4, 3, 32, 32), generator=gen) for _ in range(200)]
     ).mean()
     assert abs(small / large - 1) < 0.15
+
+
+def _grads(scaling: str, crop: int, full: int = 16) -> list[torch.Tensor]:
+    """Gradients of the loss of a tiny conv denoiser on fixed crops, noise and sigmas."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 3, 1))
+    y = torch.randn(4, 3, crop, crop, generator=torch.Generator().manual_seed(1))
+    cfg = LossConfig(scaling=scaling)
+    loss = edm_loss(
+        lambda x, s, c, l: net(x),
+        y,
+        cfg=cfg,
+        generator=torch.Generator().manual_seed(2),
+        full_hw=(full, full),
+    )
+    loss.backward()
+    return [p.grad.clone() for p in net.parameters()]
+
+
+@pytest.mark.parametrize("crop", [4, 8, 16])
+def test_published_scaling_is_mean_times_crop_share_of_full_image(crop):
+    mean, published = _grads("mean", crop), _grads("published", crop)
+    expected = (crop / 16) ** 2  # a full-size crop has the same gradient in both modes
+    for g_mean, g_pub in zip(mean, published, strict=True):
+        assert torch.allclose(g_pub, g_mean * expected, rtol=1e-5, atol=1e-9)
+        assert g_mean.abs().sum() > 0
+
+
+def test_published_scaling_needs_the_full_size_and_unknown_scaling_is_rejected():
+    y = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="full image size"):
+        edm_loss(lambda x, s, c, l: x, y, cfg=LossConfig(scaling="published"))
+    with pytest.raises(ValueError, match="unknown loss scaling 'sum'"):
+        edm_loss(lambda x, s, c, l: x, y, cfg=LossConfig(scaling="sum"), full_hw=(8, 8))

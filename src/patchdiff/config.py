@@ -141,6 +141,7 @@ class LossConfig:
     P_mean: float = -1.2
     P_std: float = 1.2
     sigma_data: float = 0.5
+    scaling: Literal["mean", "published"] = "mean"  # loss reduction over a crop's pixels, see loss.py
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,12 @@ Reduction: the mean over crops, channels and pixels. EDM sums over pixels, which
 gradient 16x smaller than a 64x64 image's; with crop sizes changing from step to step that would
 rescale Adam's moment estimates step by step. The per-pixel mean keeps every step's gradient on one
 scale, so one learning rate serves every crop size, and each pixel counts the same wherever it is.
+
+`LossConfig.scaling = "published"` reproduces the published Patch Diffusion code's reduction for
+comparison: each crop's squared error is summed over channels and pixels, and averaged over the crops
+of the step. We divide that sum by the pixel count of the FULL image (C*H*W) rather than leaving it
+raw, so a full-size step is exactly the "mean" step (one learning rate serves both modes), and a PxP
+crop's loss, and gradient, is (P/R)^2 of its "mean" value: a 16x16 step at R=64 is 16x smaller.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from __future__ import annotations
 import torch
 
 from patchdiff.config import LossConfig
+
+LOSS_SCALINGS = ("mean", "published")
 
 
 def sample_sigma(n: int, P_mean: float, P_std: float, device=None, generator=None) -> torch.Tensor:
@@ -26,12 +34,33 @@ def loss_weight(sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
     return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
 
 
+def crop_scale(crop_hw: tuple[int, int], full_hw: tuple[int, int] | None, scaling: str) -> float:
+    """The factor between a step's loss and its per-pixel mean: 1 for "mean"; (h*w)/(H*W) for
+    "published" (sum over the crop's pixels / pixels of the full image)."""
+    if scaling == "mean":
+        return 1.0
+    if scaling != "published":
+        raise ValueError(f"unknown loss scaling {scaling!r}; choose one of {', '.join(LOSS_SCALINGS)}")
+    if full_hw is None:
+        raise ValueError("loss scaling 'published' needs the full image size (edm_loss(..., full_hw=(H, W)))")
+    return (crop_hw[0] * crop_hw[1]) / (full_hw[0] * full_hw[1])
+
+
 def edm_loss(
-    denoiser, y: torch.Tensor, coords=None, class_labels=None, cfg: LossConfig | None = None, generator=None
+    denoiser,
+    y: torch.Tensor,
+    coords=None,
+    class_labels=None,
+    cfg: LossConfig | None = None,
+    generator=None,
+    full_hw: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """The scalar loss for clean crops y [N, C, h, w] (in [-1, 1] or latent units) with their coords."""
+    """The scalar loss for clean crops y [N, C, h, w] (in [-1, 1] or latent units) with their coords.
+
+    `full_hw` is the (H, W) of the full image the crops come from; only the "published" scaling uses it."""
     cfg = cfg or LossConfig()
+    scale = crop_scale((y.shape[2], y.shape[3]), full_hw, cfg.scaling)
     sigma = sample_sigma(y.shape[0], cfg.P_mean, cfg.P_std, y.device, generator).reshape(-1, 1, 1, 1)
     n = torch.randn(y.shape, device=y.device, generator=generator) * sigma
     D = denoiser(y + n, sigma.reshape(-1), coords, class_labels)
-    return (loss_weight(sigma, cfg.sigma_data) * (D - y) ** 2).mean()
+    return (loss_weight(sigma, cfg.sigma_data) * (D - y) ** 2).mean() * scale

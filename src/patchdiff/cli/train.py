@@ -112,6 +112,12 @@ def add_parser(subparsers) -> None:
     g.add_argument("--grad-clip", type=float, default=0.0, help="gradient norm clip (0 = off)")
     g.add_argument("--P-mean", type=float, default=-1.2, help="mean of ln(sigma) in training")
     g.add_argument("--P-std", type=float, default=1.2, help="std of ln(sigma) in training")
+    g.add_argument(
+        "--loss-scaling",
+        choices=["mean", "published"],
+        default="mean",
+        help="loss per pixel (mean), or per crop summed over its pixels / full-image pixels (published)",
+    )
     g = p.add_argument_group("data and conditioning")
     g.add_argument("--cond", action="store_true", help="class-conditional (labels from dataset.json)")
     g.add_argument(
@@ -197,6 +203,7 @@ FIELD_OF_FLAG = {
     "ema_rampup": "ema_rampup_ratio",
     "P_mean": "loss.P_mean",
     "P_std": "loss.P_std",
+    "loss_scaling": "loss.scaling",
     "tick": "tick_kimg",
     "snap": "snap_ticks",
     "checkpoint": "checkpoint_kimg",
@@ -254,7 +261,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         outdir=args.outdir,
         network=net,
         patch=patch,
-        loss=LossConfig(P_mean=args.P_mean, P_std=args.P_std),
+        loss=LossConfig(P_mean=args.P_mean, P_std=args.P_std, scaling=args.loss_scaling),
         latent=LatentConfig(norm=args.latent_norm),
         duration_kimg=args.duration,
         batch=args.batch,

@@ -63,7 +63,9 @@ def train_step(
         sync = ddp.no_sync() if ddp is not denoiser and r < rounds - 1 else contextlib.nullcontext()
         with sync:
             with autocast(dev, cfg.precision):
-                loss = edm_loss(ddp, y, coords if cfg.patch.coords else None, onehot, cfg.loss)
+                loss = edm_loss(
+                    ddp, y, coords if cfg.patch.coords else None, onehot, cfg.loss, full_hw=cfg.image_size
+                )
             scaler.scale(loss / rounds).backward()
         loss_sum += loss.detach() / rounds
     # A non-finite loss leaves NaNs in the gradients: scrub them so one bad batch cannot poison the

@@ -1,0 +1,148 @@
+import json
+import subprocess
+import sys
+
+import pytest
+from tests.conftest import TINY_TRAIN_FLAGS
+
+from patchdiff.compare import load_study
+from patchdiff.compare.results import results_table
+
+
+def write_study(path, landscapes, detector, **overrides):
+    study = dict(
+        data=str(landscapes),
+        base_flags=[*TINY_TRAIN_FLAGS, "--lr", "2e-3", "--dropout", "0"],
+        configs=[
+            {"name": "full", "flags": ["--patch-schedule", "full"]},
+            {"name": "patch", "flags": ["--patch-schedule", "stochastic"]},
+        ],
+        budget_kimg=0.1,
+        budget_of="full",
+        points=2,
+        metrics=["fid", "kid"],
+        metric_num=16,
+        detector=detector,
+        grid=4,
+    )
+    study.update(overrides)
+    path.write_text(json.dumps(study))
+    return path
+
+
+def compare_cmd(study, outdir):
+    return [
+        sys.executable,
+        "-m",
+        "patchdiff",
+        "compare",
+        str(study),
+        "--outdir",
+        str(outdir),
+        "--no-progress",
+    ]
+
+
+def compare(study, outdir):
+    return subprocess.run(compare_cmd(study, outdir), capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_tiny_study_writes_table_and_plots_and_does_not_retrain(tmp_path, landscapes, tiny_detector):
+    study = write_study(tmp_path / "study.json", landscapes, tiny_detector)
+    out = tmp_path / "out"
+    first = compare(study, out)
+    assert first.returncode == 0, first.stderr
+    plan = json.loads((out / "plan.json").read_text())
+    # Equal FLOPs: the patch schedule's images are cheaper, so it trains for more kimg.
+    assert plan["full"]["kimg"] == pytest.approx(0.1)
+    assert plan["patch"]["kimg"] > 0.1
+    for name in ("full", "patch"):
+        p = plan[name]
+        assert p["kimg"] * 1000 * p["flops_per_image"] == pytest.approx(plan["full"]["budget_flops"])
+    table = (out / "results.md").read_text()
+    assert "| full |" in table and "| patch |" in table
+    for png in ("fid-vs-kimg.png", "fid-vs-time.png", "fid-vs-flops.png", "grids.png"):
+        assert (out / png).stat().st_size > 1000
+    for name in ("full", "patch"):
+        result = json.loads((out / "runs" / name / "result.json").read_text())
+        lines = open(f"{result['run_dir']}/stats.jsonl").read().splitlines()  # noqa: SIM115
+        stats = [json.loads(line) for line in lines]
+        fids = [r["fid"] for r in stats if r["kind"] == "metrics"]
+        assert len(fids) == 2  # `points` evaluations, the last at the end of training
+        assert all(f == f and f >= 0 for f in fids)
+        assert f"{fids[-1]:.2f}" in table
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.suffix in (".jsonl", ".safetensors")}
+    second = compare(study, out)
+    assert second.returncode == 0, second.stderr
+    assert "training" not in second.stdout
+    assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
+    assert (out / "runs" / "full" / "train.log").read_text().count("$ ") == 1
+
+    (out / "results.md").unlink()
+    redraw = subprocess.run([*compare_cmd(study, out), "--results-only"], capture_output=True, text=True)
+    assert redraw.returncode == 0 and "| patch |" in (out / "results.md").read_text()
+
+    # A configuration without its result (an interrupted run) resumes from its training state.
+    (out / "runs" / "patch" / "result.json").unlink()
+    third = compare(study, out)
+    assert third.returncode == 0, third.stderr
+    log = (out / "runs" / "patch" / "train.log").read_text()
+    commands = [line for line in log.splitlines() if line.startswith("$ ")]
+    assert len(commands) == 2 and "--resume" not in commands[0] and "--resume" in commands[1]
+
+
+def test_study_file_errors_name_the_problem(tmp_path, landscapes, tiny_detector):
+    path = tmp_path / "s.json"
+    write_study(path, landscapes, tiny_detector, base_flags=["--duration", "5"])
+    with pytest.raises(ValueError, match="base_flags sets --duration, which the study runner sets itself"):
+        load_study(path)
+    write_study(path, landscapes, tiny_detector, budget_flops=1e9)
+    with pytest.raises(ValueError, match="exactly one of budget_flops or budget_kimg"):
+        load_study(path)
+    write_study(path, landscapes, tiny_detector, budget_of="nope")
+    with pytest.raises(ValueError, match="budget_of 'nope'"):
+        load_study(path)
+    write_study(path, landscapes, tiny_detector, configs=[{"name": "a"}, {"name": "a"}])
+    with pytest.raises(ValueError, match="must be unique"):
+        load_study(path)
+    write_study(path, landscapes, tiny_detector, colour="red")
+    with pytest.raises(ValueError, match="unknown StudyConfig fields"):
+        load_study(path)
+    write_study(path, tmp_path / "missing", tiny_detector)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_study(path)
+    path.write_text("{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_study(path)
+
+
+def test_cli_reports_a_bad_study_in_one_line(tmp_path, landscapes, tiny_detector):
+    path = write_study(tmp_path / "s.json", landscapes, tiny_detector, points=0)
+    proc = compare(path, tmp_path / "out")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"patchdiff compare: error: {path}: points 0 must be at least 1 (and a configuration's >= 0)"
+    ]
+
+
+def test_results_table_rows():
+    row = dict(
+        name="full",
+        flags=["--patch-schedule", "full"],
+        kimg=1.5,
+        flops_per_image=2e9,
+        flops=3e12,
+        train_s=30.0,
+        wall_s=200.0,
+        fid=12.345,
+        fid_std=float("nan"),
+        kid=0.01,
+        kid_std=0.002,
+    )
+    table = results_table([row])
+    assert (
+        "| full | `--patch-schedule full` | 1.50 | 2 G | 3 T | 30 s | 3.3 min | 12.35 | 0.0100 ± 0.0020 |"
+        in table
+    )
