@@ -20,7 +20,7 @@ from tqdm import tqdm
 from patchdiff.config import TrainConfig
 from patchdiff.networks import build_network
 from patchdiff.precond import Denoiser
-from patchdiff.sampling import SAMPLERS, guided_denoiser
+from patchdiff.sampling import SAMPLERS, guided_denoiser, resolve_sampler
 from patchdiff.training.checkpoint import newest_snapshot, read_snapshot
 
 
@@ -91,8 +91,8 @@ def iter_images(
     model: Model,
     seeds: Sequence[int],
     batch_size: int = 32,
-    num_steps: int = 18,
-    sampler: str = "heun",
+    num_steps: int | None = None,
+    sampler: str | None = None,
     class_label: int | None = None,
     cfg_scale: float = 1.0,
     S_churn: float = 0.0,
@@ -104,9 +104,9 @@ def iter_images(
     rho: float = 7.0,
     progress: bool = False,
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """Yield (seeds, uint8 images [B, C, H, W]) batch by batch."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+    """Yield (seeds, uint8 images [B, C, H, W]) batch by batch. sampler/num_steps None: the defaults
+    (patchdiff.sampling.DEFAULT_SAMPLER and that sampler's DEFAULT_STEPS)."""
+    sampler, num_steps = resolve_sampler(sampler, num_steps)
     if class_label is not None and not 0 <= class_label < max(model.label_dim, 1):
         raise ValueError(f"--class {class_label} out of range: the model has {model.label_dim} classes")
     if class_label is not None and model.label_dim == 0:

@@ -11,13 +11,21 @@ from PIL import Image
 
 from patchdiff import distributed as dist
 from patchdiff.generation import image_grid, iter_images, load, parse_seeds, to_pil
+from patchdiff.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, NETWORK_CALLS, SAMPLERS
 from patchdiff.training.checkpoint import atomic_write
 
 
 def add_sampler_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampler")
-    g.add_argument("--steps", type=int, default=18, help="sampling steps N (Heun: 2N-1 network calls)")
-    g.add_argument("--sampler", choices=["heun", "euler"], default="heun", help="EDM Heun or Euler")
+    defaults = ", ".join(f"{name} {n} ({NETWORK_CALLS[name](n)} calls)" for name, n in DEFAULT_STEPS.items())
+    g.add_argument("--steps", type=int, help=f"sampling steps N (default per sampler: {defaults})")
+    g.add_argument(
+        "--sampler",
+        choices=list(SAMPLERS),
+        default=DEFAULT_SAMPLER,
+        help="EDM Heun (2N-1 calls) or Euler (N), both with churn, or DPM-Solver++ 2M/3M (N calls, "
+        "deterministic); see docs/sampling.md (default: %(default)s)",
+    )
     g.add_argument(
         "--S-churn", type=float, default=0.0, help="stochasticity (EDM S_churn), 0 = deterministic"
     )
