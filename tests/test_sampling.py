@@ -5,6 +5,17 @@ import pytest
 import torch
 
 from patchdiff import edm_sampler, euler_sampler, guidance_combine, guided_denoiser, karras_sigmas
+from patchdiff.config import network_preset
+from patchdiff.generation import Model, build_denoiser, generate
+from patchdiff.sampling import (
+    DEFAULT_SAMPLER,
+    DEFAULT_STEPS,
+    NETWORK_CALLS,
+    SAMPLERS,
+    dpmpp_2m_sampler,
+    dpmpp_3m_sampler,
+    resolve_sampler,
+)
 
 
 def gaussian_denoiser(s: float, calls: list | None = None):
@@ -79,3 +90,99 @@ def test_guidance_combination_and_doubled_batch():
     assert torch.allclose(out, torch.full_like(x, 3.0))  # 0 + 3 * (1 - 0)
     assert torch.allclose(guided_denoiser(D, labels, 1.0)(x, torch.tensor(1.0)), torch.ones_like(x))
     assert math.isfinite(out.sum().item())
+
+
+def exact_gaussian_solution(noise: torch.Tensor, s: float, sigma_min=0.002, sigma_max=80.0) -> torch.Tensor:
+    """The ODE dx/dsigma = (x - D)/sigma for N(0, s^2) data has x(sigma) ∝ sqrt(s^2 + sigma^2). Every
+    sampler ends with x_N = D(x, sigma_min), so the exact ODE to sigma_min plus that step is the target."""
+    x = noise.to(torch.float64) * sigma_max * math.sqrt((s**2 + sigma_min**2) / (s**2 + sigma_max**2))
+    return x * s**2 / (s**2 + sigma_min**2)
+
+
+def relative_error(name: str, steps: int, noise: torch.Tensor, s: float = 0.5) -> float:
+    out = SAMPLERS[name](gaussian_denoiser(s), noise, num_steps=steps).to(torch.float64)
+    exact = exact_gaussian_solution(noise, s)
+    return ((out - exact).abs().max() / exact.abs().max()).item()
+
+
+@pytest.mark.parametrize("name", ["dpmpp-2m", "dpmpp-3m"])
+@pytest.mark.parametrize("steps", [1, 2, 3, 13])
+def test_dpmpp_calls_the_network_once_per_step(name, steps):
+    calls = []
+    SAMPLERS[name](gaussian_denoiser(0.5, calls), torch.randn(2, 1, 2, 2), num_steps=steps)
+    assert len(calls) == steps == NETWORK_CALLS[name](steps)
+
+
+def test_network_calls_table_matches_the_samplers():
+    for name, sampler in SAMPLERS.items():
+        calls = []
+        sampler(gaussian_denoiser(0.5, calls), torch.randn(2, 1, 2, 2), num_steps=7)
+        assert len(calls) == NETWORK_CALLS[name](7), name
+
+
+def test_dpmpp_one_step_is_the_denoised_noise():
+    # One step goes from sigma_max straight to 0: the answer is D(x_0, sigma_max), exactly.
+    noise = torch.randn(3, 1, 2, 2)
+    D = gaussian_denoiser(0.5)
+    out = dpmpp_2m_sampler(D, noise, num_steps=1)
+    assert torch.allclose(out, D(noise * 80.0, torch.tensor(80.0)), rtol=1e-6)
+
+
+def test_convergence_order_as_the_step_count_doubles():
+    # Error ratio per doubling ~ 2^order: Euler 2, Heun and DPM-Solver++(2M) 4, 3M 8.
+    noise = torch.randn(256, 1, 1, 4, generator=torch.Generator().manual_seed(0))
+    ratio = {}
+    for name in ("euler", "dpmpp-2m", "dpmpp-3m"):
+        e = [relative_error(name, n, noise) for n in (16, 32, 64)]
+        ratio[name] = min(e[0] / e[1], e[1] / e[2])
+    assert 1.8 < ratio["euler"] < 2.2
+    assert ratio["dpmpp-2m"] > 3.5
+    assert ratio["dpmpp-3m"] > 7.0
+    assert relative_error("dpmpp-2m", 64, noise) < 5e-3
+    assert relative_error("dpmpp-3m", 64, noise) < 1e-3
+
+
+def test_dpmpp_reaches_the_exact_gaussian():
+    s = 0.5
+    noise = torch.randn(20000, 1, 1, 8, generator=torch.Generator().manual_seed(0))
+    for sampler in (dpmpp_2m_sampler, dpmpp_3m_sampler):
+        assert abs(sampler(gaussian_denoiser(s), noise, num_steps=64).std().item() / s - 1) < 0.015
+
+
+def test_dpmpp_is_deterministic_and_refuses_churn():
+    with pytest.raises(ValueError, match="--S-churn"):
+        dpmpp_2m_sampler(gaussian_denoiser(0.5), torch.randn(1, 1, 2, 2), S_churn=1.0)
+
+
+def test_resolve_sampler_fills_in_the_defaults():
+    assert resolve_sampler(None, None) == (DEFAULT_SAMPLER, DEFAULT_STEPS[DEFAULT_SAMPLER])
+    assert resolve_sampler("heun", None) == ("heun", 18)
+    assert resolve_sampler("dpmpp-3m", 9) == ("dpmpp-3m", 9)
+    with pytest.raises(ValueError, match="unknown sampler 'dpm'"):
+        resolve_sampler("dpm", None)
+    with pytest.raises(ValueError, match="--steps 0"):
+        resolve_sampler("euler", 0)
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> Model:
+    """An untrained ~30k-parameter DDPM++ at 16x16: enough to check batching and seeding through a network."""
+    from patchdiff.config import TrainConfig
+
+    net = network_preset(
+        "ddpmpp", 16, model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,)
+    )
+    torch.manual_seed(0)
+    cfg = TrainConfig(data="", outdir="", network=net)
+    return Model(build_denoiser(cfg).eval().requires_grad_(False), cfg, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name", ["dpmpp-2m", "dpmpp-3m"])
+def test_dpmpp_images_depend_only_on_their_seeds(tiny_model, name):
+    one_by_one = generate(tiny_model, [3, 4, 5], batch_size=1, num_steps=5, sampler=name)
+    batched = generate(tiny_model, [3, 4, 5], batch_size=3, num_steps=5, sampler=name)
+    again = generate(tiny_model, [3, 4, 5], batch_size=2, num_steps=5, sampler=name)
+    assert (one_by_one.int() - batched.int()).abs().max() <= 1  # rounding at most one level
+    assert (batched.int() - again.int()).abs().max() <= 1
+    assert torch.equal(generate(tiny_model, [4], batch_size=1, num_steps=5, sampler=name), one_by_one[1:2])
+    assert not torch.equal(one_by_one[0], one_by_one[1])

@@ -77,7 +77,7 @@ def run_demo(
 ) -> dict:
     """Make the data, train, and write an enlarged sample grid, a data preview and the loss plot.
 
-    The samples are the final snapshot's grid (EMA weights, seeds 0..samples-1, 18 Heun steps)."""
+    The samples are the final snapshot's grid (EMA weights, seeds 0..samples-1, the default sampler)."""
     from patchdiff.generation import image_grid, to_pil
     from patchdiff.report import latest_grid, plot_loss, read_stats
     from patchdiff.training.loop import train

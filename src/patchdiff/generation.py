@@ -25,7 +25,7 @@ from patchdiff.latent import decode_to_pixels, load_vae
 from patchdiff.networks import build_network
 from patchdiff.precond import Denoiser
 from patchdiff.precond_vp import VPDenoiser
-from patchdiff.sampling import SAMPLERS, guided_denoiser
+from patchdiff.sampling import SAMPLERS, guided_denoiser, resolve_sampler
 from patchdiff.training.checkpoint import newest_snapshot, read_snapshot
 
 
@@ -175,8 +175,8 @@ def iter_images(
     model: Model,
     seeds: Sequence[int],
     batch_size: int = 32,
-    num_steps: int = 18,
-    sampler: str = "heun",
+    num_steps: int | None = None,
+    sampler: str | None = None,
     class_label: int | None = None,
     cfg_scale: float = 1.0,
     S_churn: float = 0.0,
@@ -188,10 +188,10 @@ def iter_images(
     rho: float = 7.0,
     progress: bool = False,
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """Yield (seeds, uint8 images [B, C, H, W]) batch by batch; a latent model's samples are decoded."""
+    """Yield (seeds, uint8 images [B, C, H, W]) batch by batch; a latent model's samples are decoded.
+    sampler/num_steps None: the defaults (patchdiff.sampling.DEFAULT_SAMPLER and its DEFAULT_STEPS)."""
+    sampler, num_steps = resolve_sampler(sampler, num_steps)
     check_sampling_args(model, seeds, batch_size, num_steps, class_label, cfg_scale)
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
     H, W = model.image_size
     C = model.img_channels
     seeds = list(seeds)

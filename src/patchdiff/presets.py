@@ -53,7 +53,7 @@ SAMPLER_PRESETS: Mapping[str, Preset] = MappingProxyType(
     {
         "adm-latent": Preset(
             "the paper's ADM latent sampler: 256 Heun steps with churn, guidance 1.3 (class-conditional)",
-            dict(steps=256, S_churn=40.0, S_min=0.05, S_max=50.0, S_noise=1.003, cfg=1.3),
+            dict(sampler="heun", steps=256, S_churn=40.0, S_min=0.05, S_max=50.0, S_noise=1.003, cfg=1.3),
         ),
     }
 )

@@ -136,7 +136,7 @@ def fake_generator(monkeypatch, real_folder):
         [torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1) for p in sorted(real_folder.iterdir())]
     )
 
-    def fake_iter_images(model, seeds, batch_size, num_steps, class_label, cfg_scale, progress):
+    def fake_iter_images(model, seeds, batch_size, num_steps, class_label, cfg_scale, progress, sampler=None):
         assert model == "loaded model" and num_steps == 5
         for i in range(0, len(seeds), batch_size):
             batch = list(seeds[i : i + batch_size])

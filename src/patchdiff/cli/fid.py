@@ -2,7 +2,7 @@
 
     patchdiff fid ref  --data DATASET --dest REF.npz
     patchdiff fid calc --images DIR|ZIP --ref REF.npz
-    patchdiff fid calc --model RUN_DIR|SNAPSHOT --num 50000 --ref REF.npz [--steps 18] [--seeds 0]
+    patchdiff fid calc --model RUN_DIR|SNAPSHOT --num 50000 --ref REF.npz [--sampler S] [--steps N] [--seeds 0]
 
 Works under torchrun (images split over processes). Results go to stdout one per line.
 """
@@ -28,6 +28,7 @@ from patchdiff.metrics.fid import (
     save_reference,
     score_features,
 )
+from patchdiff.sampling import DEFAULT_SAMPLER, SAMPLERS
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -95,7 +96,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     calc.add_argument(
         "--seeds", type=int, default=0, metavar="START", help="first seed; image i uses START+i"
     )
-    calc.add_argument("--steps", type=int, default=18, help="sampler steps (with --model)")
+    calc.add_argument(
+        "--sampler", choices=list(SAMPLERS), default=DEFAULT_SAMPLER, help="sampler (with --model)"
+    )
+    calc.add_argument("--steps", type=int, default=None, help="sampler steps (default: the sampler's)")
     calc.add_argument("--class", dest="class_label", type=int, default=None, help="class of every image")
     calc.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale")
     calc.add_argument(
@@ -158,7 +162,15 @@ def run_calc(args: argparse.Namespace, device: torch.device) -> int:
         seeds = range(args.seeds, args.seeds + args.num)
         check_sampling_args(model, seeds, args.batch, args.steps, args.class_label, args.cfg)
         features = generated_features(
-            model, detector, seeds, args.batch, args.steps, args.class_label, args.cfg, args.progress
+            model,
+            detector,
+            seeds,
+            args.batch,
+            args.steps,
+            args.class_label,
+            args.cfg,
+            args.progress,
+            sampler=args.sampler,
         )
     _say(_timed(time.perf_counter() - start, len(features)))
     check_features(features, ref)  # on every rank, so that none waits at the barrier for a failed one

@@ -15,13 +15,21 @@ from patchdiff import distributed as dist
 from patchdiff.cli.checks import writable_dir, writable_file
 from patchdiff.generation import check_sampling_args, image_grid, iter_images, load, parse_seeds, to_pil
 from patchdiff.presets import SAMPLER_PRESETS, add_preset_flag
+from patchdiff.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, NETWORK_CALLS, SAMPLERS, resolve_sampler
 from patchdiff.training.checkpoint import atomic_write
 
 
 def add_sampler_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampler")
-    g.add_argument("--steps", type=int, default=18, help="sampling steps N (Heun: 2N-1 network calls)")
-    g.add_argument("--sampler", choices=["heun", "euler"], default="heun", help="EDM Heun or Euler")
+    defaults = ", ".join(f"{name} {n} ({NETWORK_CALLS[name](n)} calls)" for name, n in DEFAULT_STEPS.items())
+    g.add_argument("--steps", type=int, help=f"sampling steps N (default per sampler: {defaults})")
+    g.add_argument(
+        "--sampler",
+        choices=list(SAMPLERS),
+        default=DEFAULT_SAMPLER,
+        help="EDM Heun (2N-1 calls) or Euler (N), both with churn, or DPM-Solver++ 2M/3M (N calls, "
+        "deterministic); see docs/sampling.md (default: %(default)s)",
+    )
     g.add_argument(
         "--S-churn", type=float, default=0.0, help="stochasticity (EDM S_churn), 0 = deterministic"
     )
@@ -40,10 +48,11 @@ def sampler_kwargs(args: argparse.Namespace) -> dict:
             f"--S-churn {args.S_churn}, --S-noise {args.S_noise}: need finite values >= 0, and "
             f"--S-min {args.S_min} <= --S-max {args.S_max}"
         )
+    sampler, num_steps = resolve_sampler(args.sampler, args.steps)
     return dict(
         batch_size=args.batch,
-        num_steps=args.steps,
-        sampler=args.sampler,
+        num_steps=num_steps,
+        sampler=sampler,
         class_label=args.class_label,
         cfg_scale=args.cfg,
         S_churn=args.S_churn,
@@ -84,8 +93,8 @@ def run(args: argparse.Namespace) -> int:
         if args.grid:
             writable_file(Path(args.grid), "--grid")
     model = load(args.model, dev, vae=args.vae)
-    check_sampling_args(model, seeds, args.batch, args.steps, args.class_label, args.cfg)
     kwargs = sampler_kwargs(args)
+    check_sampling_args(model, seeds, args.batch, kwargs["num_steps"], args.class_label, args.cfg)
     made_outdir = not outdir.exists()
     outdir.mkdir(parents=True, exist_ok=True)
     mine = seeds[dist.rank() :: dist.world_size()]

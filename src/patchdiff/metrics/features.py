@@ -76,10 +76,11 @@ def generated_features(
     detector: Detector,
     seeds: Sequence[int],
     batch: int = 64,
-    num_steps: int = 18,
+    num_steps: int | None = 18,
     class_label: int | None = None,
     cfg_scale: float = 1.0,
     progress: bool = False,
+    sampler: str | None = None,
 ) -> torch.Tensor:
     """Features [len(seeds), D] (float32, CPU) of images generated from `seeds` (one per image), never
     written to disk. `model` is what `patchdiff.generation.load` returns."""
@@ -98,6 +99,7 @@ def generated_features(
                 mine,
                 batch_size=batch,
                 num_steps=num_steps,
+                sampler=sampler,
                 class_label=class_label,
                 cfg_scale=cfg_scale,
                 progress=False,

@@ -250,7 +250,7 @@ def compute_metrics(
     seed: int = 0,
     progress: bool = False,
     *,
-    num_steps: int = 18,
+    num_steps: int | None = None,  # None: the default sampler's steps, as `patchdiff generate` uses
     class_label: int | None = None,
     cfg_scale: float = 1.0,
     device: str | torch.device | None = None,

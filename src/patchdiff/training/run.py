@@ -52,7 +52,7 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def write_grid(model: Model, path: Path, num: int, num_steps: int = 18) -> None:
+def write_grid(model: Model, path: Path, num: int, num_steps: int | None = None) -> None:
     images = generate(model, range(num), batch_size=min(num, 64), num_steps=num_steps)
     atomic_write(path, lambda tmp: to_pil(image_grid(images)).save(tmp, format="PNG"))
 
