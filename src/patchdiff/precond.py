@@ -22,6 +22,23 @@ def edm_scalings(sigma: torch.Tensor, sigma_data: float = 0.5):
     return c_skip, c_out, c_in, c_noise
 
 
+def network_inputs(
+    net_in: torch.Tensor, coords, class_labels, use_coords: bool, label_dim: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The backbone's input [N, C(+2), h, w] and labels: the coordinate channels appended (default: the
+    full grid of an h x w image, as at sampling time), and all-zero labels (the null label) if none given."""
+    if use_coords:
+        if coords is None:
+            coords = coordinate_grid(net_in.shape[2], net_in.shape[3], device=net_in.device)
+            coords = coords.expand(net_in.shape[0], -1, -1, -1)
+        net_in = torch.cat([net_in, coords.to(net_in.dtype)], dim=1)
+    if not label_dim:
+        return net_in, None
+    if class_labels is None:
+        class_labels = torch.zeros(net_in.shape[0], label_dim, device=net_in.device)
+    return net_in, class_labels
+
+
 class Denoiser(nn.Module):
     """The preconditioned denoiser D(x; sigma) over crops with coordinates.
 
@@ -41,14 +58,6 @@ class Denoiser(nn.Module):
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
         sigma = sigma.expand(x.shape[0]) if sigma.numel() == 1 else sigma
         c_skip, c_out, c_in, c_noise = edm_scalings(sigma.reshape(-1, 1, 1, 1), self.sigma_data)
-        net_in = c_in * x
-        if self.use_coords:
-            if coords is None:
-                coords = coordinate_grid(x.shape[2], x.shape[3], device=x.device).expand(
-                    x.shape[0], -1, -1, -1
-                )
-            net_in = torch.cat([net_in, coords.to(net_in.dtype)], dim=1)
-        if self.label_dim and class_labels is None:
-            class_labels = torch.zeros(x.shape[0], self.label_dim, device=x.device)
-        F_x = self.net(net_in, c_noise.reshape(-1), class_labels if self.label_dim else None)
+        net_in, labels = network_inputs(c_in * x, coords, class_labels, self.use_coords, self.label_dim)
+        F_x = self.net(net_in, c_noise.reshape(-1), labels)
         return c_skip * x + c_out * F_x.to(torch.float32)

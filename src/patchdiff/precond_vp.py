@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from patchdiff.config import NetworkConfig
-from patchdiff.patching import coordinate_grid
+from patchdiff.precond import network_inputs
 
 PREDICTIONS = ("epsilon", "v_prediction")
 
@@ -120,14 +120,6 @@ class VPDenoiser(nn.Module):
         sigma = sigma.expand(x.shape[0]) if sigma.numel() == 1 else sigma
         c_skip, c_out, c_in = vp_scalings(sigma.reshape(-1, 1, 1, 1), self.prediction)
         t = sigma_to_timestep(sigma, self.log_sigmas)
-        net_in = c_in * x
-        if self.use_coords:
-            if coords is None:
-                coords = coordinate_grid(x.shape[2], x.shape[3], device=x.device).expand(
-                    x.shape[0], -1, -1, -1
-                )
-            net_in = torch.cat([net_in, coords.to(net_in.dtype)], dim=1)
-        if self.label_dim and class_labels is None:
-            class_labels = torch.zeros(x.shape[0], self.label_dim, device=x.device)
-        F_x = self.net(net_in, t, class_labels if self.label_dim else None)
+        net_in, labels = network_inputs(c_in * x, coords, class_labels, self.use_coords, self.label_dim)
+        F_x = self.net(net_in, t, labels)
         return c_skip * x + c_out * F_x.to(torch.float32)

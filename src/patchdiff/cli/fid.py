@@ -157,10 +157,12 @@ def run_calc(args: argparse.Namespace, device: torch.device) -> int:
         features = dataset_features(dataset, detector, args.batch, args.num, args.progress, args.workers)
     else:
         from patchdiff.generation import check_sampling_args, load
+        from patchdiff.sampling import resolve_sampler
 
         model = load(args.model, device, vae=args.vae)
         seeds = range(args.seeds, args.seeds + args.num)
-        check_sampling_args(model, seeds, args.batch, args.steps, args.class_label, args.cfg)
+        _, num_steps = resolve_sampler(args.sampler, args.steps)
+        check_sampling_args(model, seeds, args.batch, num_steps, args.class_label, args.cfg)
         features = generated_features(
             model,
             detector,
