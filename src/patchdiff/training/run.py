@@ -37,6 +37,7 @@ from patchdiff.training.checkpoint import (
 from patchdiff.training.ema import ema_beta, update_ema
 from patchdiff.training.faults import Faults
 from patchdiff.training.lock import RunLock
+from patchdiff.training.optim import make_adam
 from patchdiff.training.setup import Setup, new_run_dir
 from patchdiff.training.signals import RunInterruptedError, StopRequests, signal_name
 from patchdiff.training.stream import StreamSampler, step_seed
@@ -79,7 +80,7 @@ class Run:
         torch.manual_seed(cfg.seed)  # the same initial weights on every process and every run
         self.denoiser = build_denoiser(cfg, pretrained=state is None).to(dev)  # a resumed run has its weights
         self.ema = copy.deepcopy(self.denoiser).eval().requires_grad_(False)
-        self.optimizer = torch.optim.Adam(self.denoiser.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+        self.optimizer = make_adam(self.denoiser.parameters(), cfg.lr, dev)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=cfg.precision == "fp16")
         self.counters = dict(step=0, position=0, images=0, time_s=0.0, crops={}, steps_by_size={})
         if state is not None:
