@@ -1,0 +1,83 @@
+"""Training compute in counted FLOPs, so that runs can be compared at equal compute on any machine.
+
+FLOPs of one training step are counted with `torch.utils.flop_counter.FlopCounterMode` on the real
+denoiser: the forward pass and the backward pass of the EDM loss over a batch of crops, divided by
+the number of crops. The counter sees the matrix products and convolutions (which dominate a U-Net);
+element-wise work (normalisation, activations, the loss itself) is not counted. A multiply-add
+counts as 2 FLOPs.
+
+The expected cost of one training image under a crop schedule, with images per step n_i = batch_mult_i
+per base image (R/P_i by default) and probabilities p_i:
+
+    stochastic:   sum_i p_i n_i flops(P_i) / sum_i p_i n_i    (steps drawn with p_i, n_i images each)
+    progressive:  sum_i p_i flops(P_i)                        (phase i covers a share p_i of the images)
+    full:         flops(R)
+
+Training length is counted in images as the paper counts it (see training/stream.py), so a run of
+`kimg` costs kimg * 1000 * flops_per_image FLOPs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from patchdiff.config import LossConfig, TrainConfig
+from patchdiff.generation import build_denoiser
+from patchdiff.loss import edm_loss
+from patchdiff.patching import PatchSchedule, coordinate_grid, resolve_schedule
+
+
+def step_flops_per_image(denoiser, channels: int, crop_hw: tuple[int, int], batch: int = 2) -> float:
+    """Counted FLOPs of forward + backward of the training loss, per crop of `channels` x crop_hw.
+
+    `denoiser` is a precond.Denoiser (its use_coords and label_dim decide the extra inputs)."""
+    h, w = crop_hw
+    y = torch.zeros(batch, channels, h, w)
+    coords = coordinate_grid(h, w).expand(batch, -1, -1, -1) if denoiser.use_coords else None
+    labels = torch.zeros(batch, denoiser.label_dim) if denoiser.label_dim else None
+    was_training = denoiser.training
+    denoiser.train()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss = edm_loss(denoiser, y, coords, labels, LossConfig(), generator=torch.Generator().manual_seed(0))
+        loss.backward()
+    denoiser.zero_grad(set_to_none=True)
+    denoiser.train(was_training)
+    return counter.get_total_flops() / batch
+
+
+def schedule_flops_per_image(schedule: PatchSchedule, flops_by_size: dict[int, float]) -> float:
+    """Expected FLOPs per training image of a crop schedule, from the FLOPs per image at each size."""
+    f = [flops_by_size[s] for s in schedule.sizes]
+    if schedule.kind == "full":
+        return f[-1]
+    if schedule.kind == "progressive":
+        return sum(p * fi for p, fi in zip(schedule.probs, f, strict=True))
+    weights = [p * n for p, n in zip(schedule.probs, schedule.batch_mult, strict=True)]
+    return sum(wi * fi for wi, fi in zip(weights, f, strict=True)) / sum(weights)
+
+
+def training_flops(cfg: TrainConfig) -> dict:
+    """FLOPs of a resolved TrainConfig (image_size and channels filled in, as `train --dry-run` prints
+    them): per image at each crop size, expected per training image, and for the whole run."""
+    if not cfg.image_size:
+        raise ValueError("training_flops needs a resolved config (image_size set); use `train --dry-run`")
+    schedule = resolve_schedule(cfg.patch, tuple(cfg.image_size), cfg.network.min_crop)
+    torch.manual_seed(0)
+    denoiser = build_denoiser(cfg)
+    C = cfg.network.img_channels
+    by_size = {
+        s: step_flops_per_image(denoiser, C, schedule.crop_shape(i)) for i, s in enumerate(schedule.sizes)
+    }
+    per_image = schedule_flops_per_image(schedule, by_size)
+    return dict(by_size=by_size, per_image=per_image, total=per_image * cfg.duration_kimg * 1000)
+
+
+def kimg_for_budget(budget_flops: float, flops_per_image: float) -> float:
+    """Training length in kimg that spends `budget_flops` at `flops_per_image`."""
+    if budget_flops <= 0 or flops_per_image <= 0:
+        raise ValueError(
+            f"a FLOP budget ({budget_flops:g}) and FLOPs per image ({flops_per_image:g}) must be > 0"
+        )
+    return budget_flops / flops_per_image / 1000
