@@ -37,6 +37,7 @@ from patchdiff.training.checkpoint import (
 from patchdiff.training.ema import ema_beta, update_ema
 from patchdiff.training.faults import Faults
 from patchdiff.training.lock import RunLock
+from patchdiff.training.mfu import achieved, flops_by_crop
 from patchdiff.training.optim import make_adam
 from patchdiff.training.setup import Setup, new_run_dir
 from patchdiff.training.signals import RunInterruptedError, StopRequests, signal_name
@@ -118,6 +119,9 @@ class Run:
                     f"resume: dropped {dropped} stats.jsonl records past step {self.at_step} (lost work)"
                 )
 
+        # Counted once per crop size (before DDP wraps the model): each tick's TFLOP/s costs no sync.
+        self.flops_by_size = flops_by_crop(self.denoiser, schedule, cfg.network.img_channels)
+        self.tick_flops = 0.0
         self.ddp = self.denoiser
         if self.world > 1:
             self.ddp = DistributedDataParallel(
@@ -261,6 +265,7 @@ class Run:
         c["crops"][size] = c["crops"].get(size, 0) + seen
         c["steps_by_size"][size] = c["steps_by_size"].get(size, 0) + 1
         c["images"] += seen
+        self.tick_flops += self.flops_by_size[self.schedule.sizes[index]] * seen
         c["position"] += seen
         self.at_step = c["step"] = step + 1
         self.tick_steps += 1
@@ -300,11 +305,13 @@ class Run:
             crops=c["crops"],
             steps_by_size=c["steps_by_size"],
             mem_gb=peak_memory_gb(self.dev),
+            **achieved(self.tick_flops, now - self.tick_start, self.dev, self.world),
         )
         self.append_stats(record)
         self.log(
             f"step {step} kimg {kimg:.3f} loss {loss_mean:.4f} sec/kimg {record['s_per_kimg']:.2f} "
-            f"steps/s {record['steps_per_s']:.2f} mem {record['mem_gb']:.2f}GB"
+            f"steps/s {record['steps_per_s']:.2f} TFLOP/s {record['tflops']:.3g} mem {record['mem_gb']:.2f}GB"
+            + (f" MFU {record['mfu']:.1%}" if "mfu" in record else "")
         )
         self.bar.set_postfix(kimg=f"{kimg:.1f}", loss=f"{loss_mean:.4f}")
         self.ticks_done += 1
@@ -316,6 +323,7 @@ class Run:
         self.loss_sum.zero_()
         self.worst_streak.zero_()
         self.tick_steps, self.tick_start, self.tick_nimg = 0, time.time(), self.plan.nimg(step)
+        self.tick_flops = 0.0
         self.next_tick = self.after(kimg, cfg.tick_kimg)
 
     # ------------------------------------------------------------------ writing
