@@ -71,6 +71,7 @@ class Run:
         grid: int,
         stop: StopRequests,
         train_step: Callable,
+        compile: bool = False,
     ):
         self.cfg, self.schedule, self.plan = cfg, schedule, plan = setup.cfg, setup.schedule, setup.plan
         self.dev, self.progress, self.grid, self.rounds, self.stop = dev, progress, grid, setup.rounds, stop
@@ -80,6 +81,8 @@ class Run:
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every process and every run
         self.denoiser = build_denoiser(cfg, pretrained=state is None).to(dev)  # a resumed run has its weights
+        if dev.type == "cuda":  # what cuDNN's fastest convolutions and bf16 tensor cores want
+            self.denoiser = self.denoiser.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.denoiser).eval().requires_grad_(False)
         self.optimizer = make_adam(self.denoiser.parameters(), cfg.lr, dev)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=cfg.precision == "fp16")
@@ -127,6 +130,12 @@ class Run:
             self.ddp = DistributedDataParallel(
                 self.denoiser, device_ids=[dev] if dev.type == "cuda" else None, broadcast_buffers=False
             )
+        # One static graph per crop size (a handful of sizes: each compiles once, on its first step).
+        self.compile_s: dict[str, float] | None = None
+        if compile:
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+            self.ddp = torch.compile(self.ddp, dynamic=False)
+            self.compile_s = {}
         sampler = StreamSampler(
             len(setup.dataset),
             plan,
@@ -243,6 +252,9 @@ class Run:
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr * min(nimg / max(cfg.lr_rampup_kimg * 1000, 1e-8), 1.0)
         rounds_data = (next(self.batches) for _ in range(self.rounds))
+        size = str(self.schedule.sizes[index])
+        first = self.compile_s is not None and size not in self.compile_s
+        start = time.time() if first else 0.0
         loss, n = self.train_step(
             self.ddp,
             self.denoiser,
@@ -254,6 +266,11 @@ class Run:
             self.dev,
             self.rounds,
         )
+        if first:  # the first step of a size compiles its graph: timed once (a device sync, once per size)
+            if self.dev.type == "cuda":
+                torch.cuda.synchronize(self.dev)
+            self.compile_s[size] = time.time() - start
+            self.log(f"compiled the step for crop size {size}: {self.compile_s[size]:.1f} s")
         loss = self.faults.after_step(step, self.schedule.sizes[index], loss)
         self.loss_sum += loss
         self.bad_streak = (self.bad_streak + 1) * (~torch.isfinite(loss))
@@ -307,6 +324,8 @@ class Run:
             mem_gb=peak_memory_gb(self.dev),
             **achieved(self.tick_flops, now - self.tick_start, self.dev, self.world),
         )
+        if self.compile_s:
+            record["compile_s"] = dict(self.compile_s)
         self.append_stats(record)
         self.log(
             f"step {step} kimg {kimg:.3f} loss {loss_mean:.4f} sec/kimg {record['s_per_kimg']:.2f} "
