@@ -32,3 +32,24 @@ def test_compiled_training_logs_the_compile_time_and_matches_eager(landscapes, t
             assert all(r["compile_s"]["16"] > 0 for r in ticks if r["kind"] == "tick")
             assert "compiled the step for crop size 16" in (run / "log.txt").read_text()
     assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the sync check cannot run on a CPU)")
+def test_no_host_device_sync_inside_the_step_on_cuda(landscapes, tmp_path, monkeypatch):
+    from patchdiff.training import run as run_module
+
+    original, checked = run_module.Run.step, []
+
+    def strict_step(self):
+        if self.at_step >= 3:  # after one step of each crop size (lazy CUDA set-up may sync)
+            torch.cuda.set_sync_debug_mode("error")
+            checked.append(self.at_step)
+        try:
+            original(self)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    monkeypatch.setattr(run_module.Run, "step", strict_step)
+    cfg = tiny_config(str(landscapes), str(tmp_path), precision="bf16", tick_kimg=1.0, snap_ticks=0)
+    train(cfg, progress=False, grid=0, device="cuda")
+    assert len(checked) >= 5
