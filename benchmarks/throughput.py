@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="then time each crop size alone for this many steps (0: skip)",
     )
     p.add_argument(
+        "--loader-workers",
+        type=int,
+        default=2,
+        help="DataLoader workers of the loader-alone measurement in the profile (default 2, as train)",
+    )
+    p.add_argument(
         "--no-memory", action="store_true", help="skip the peak-memory probe (CPU: two subprocesses)"
     )
     p.add_argument("--memory-probe", choices=CONFIGS, help=argparse.SUPPRESS)  # internal: the CPU probe
@@ -282,6 +288,38 @@ def profile_sizes(setup: Setup, steps: int) -> list[tuple[int, int, float]]:
     return rows
 
 
+def loader_rate(resolution: int, workers: int, batch: int, batches: int = 24) -> float:
+    """Images/s of the training data path alone: ImageDataset over random RGB PNGs of the full size, a
+    DataLoader with `workers` workers collating uint8 batches, after one pass that fills the caches."""
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    from patchdiff.data import ImageDataset
+
+    count = max(256, 2 * batch)
+    with tempfile.TemporaryDirectory(prefix="loader-rate-") as tmp:
+        rng = np.random.default_rng(0)
+        for i in range(count):
+            pixels = rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(f"{tmp}/{i:05d}.png")
+        dataset = ImageDataset(tmp)
+        sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10**9)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch, sampler=sampler, num_workers=workers, persistent_workers=workers > 0
+        )
+        batches_iter = iter(loader)
+        for _ in range(count // batch + 2):  # every image decoded once per worker: the cached steady state
+            next(batches_iter)
+        start = time.perf_counter()
+        for _ in range(batches):
+            next(batches_iter)
+        seconds = time.perf_counter() - start
+        del batches_iter
+    return batches * batch / seconds
+
+
 def current_rss_mib() -> float:
     try:
         with open("/proc/self/statm") as f:
@@ -434,11 +472,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.profile_steps:
         rows = profile_sizes(setup, args.profile_steps)
         full_size, full_n, full_t = rows[-1]
+        # The loader delivers full-size images whatever the crop: a 16x16 step needs R/16 = 4x as many.
+        pixels = setup.cfgs["full"].network.img_channels == 3
+        loader = loader_rate(opts["resolution"], args.loader_workers, rows[0][1]) if pixels else math.nan
         print()
-        print(f"{'crop':>7}{'images':>8}{'ms/step':>10}{'images/s':>10}{'px rate vs full':>17}")
+        print(
+            f"{'crop':>7}{'images':>8}{'ms/step':>10}{'images/s':>10}{'px rate vs full':>17}"
+            f"{'loader images/s':>17}{'loader/step':>13}"
+        )
         for size, n, t in rows:
             px_rate = (n * size * size / t) / (full_n * full_size * full_size / full_t)
-            print(f"{f'{size}x{size}':>7}{n:>8}{t * 1e3:>10.1f}{n / t:>10.2f}{px_rate:>17.2f}")
+            print(
+                f"{f'{size}x{size}':>7}{n:>8}{t * 1e3:>10.1f}{n / t:>10.2f}{px_rate:>17.2f}"
+                f"{loader:>17.1f}{loader / (n / t):>13.2f}"
+            )
+        print(
+            f"loader images/s: the data path alone ({args.loader_workers} workers, uint8 {opts['resolution']}px "
+            "images, cached); loader/step > 1 means the loader keeps up"
+        )
         probs = setup.schedules["patch"].probs
         expected = sum(p * n for p, (_, n, _) in zip(probs, rows, strict=True)) / sum(
             p * t for p, (_, _, t) in zip(probs, rows, strict=True)

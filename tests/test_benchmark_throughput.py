@@ -40,6 +40,14 @@ def test_tiny_run_prints_a_positive_ratio_last():
     assert table["full"][1:3] == ["4", "16"]
     assert table["patch"][1] == "4" and int(table["patch"][2]) >= 16
     assert any("ideal ratio if cost followed pixels 2.71" in line for line in lines)
+    # The profile prints the loader's images/s (the same for every crop: it loads full images) next to
+    # each crop size's step images/s.
+    profile = [r for r in rows if len(r) == 7 and re.fullmatch(r"\d+x\d+", r[0])]
+    assert [r[0] for r in profile] == ["4x4", "8x8", "16x16"]
+    loader = {float(r[5]) for r in profile}
+    assert len(loader) == 1 and loader.pop() > 0
+    for r in profile:
+        assert float(r[6]) == pytest.approx(float(r[5]) / float(r[3]), rel=0.02)
 
 
 def test_bad_flags_are_value_errors():

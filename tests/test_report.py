@@ -44,7 +44,7 @@ def _ticks(n: int) -> list[dict]:
                 "s_per_kimg": 12.5, "steps_per_s": 2.5, "images": int(3200 * i),
                 "crops": {str(s): int(c) for s, c in zip(SIZES, crops, strict=True)},
                 "steps_by_size": {str(s): int(c) for s, c in zip(SIZES, steps, strict=True)},
-                "mem_gb": 1.5,
+                "mem_gb": 1.5, "tflops": 0.25,
             }
         )  # fmt: skip
     return lines
@@ -155,6 +155,9 @@ def test_write_report(run_dir):
     assert re.search(r"<th>kid</th><td>0.004 ± 0.0004", page)
     assert "snapshot-00001200.safetensors" in page and "<th>network.arch</th><td>ddpmpp</td>" in page
     assert re.search(r"unparseable stats lines</th><td>1<", page)
+    assert re.search(r"achieved TFLOP/s</th><td>0.25<", page) and re.search(
+        r"MFU \(bf16 peak\)</th><td>-<", page
+    )
     assert not list(run_dir.glob("*.tmp"))  # atomic writes leave no temp files behind
 
 

@@ -108,7 +108,18 @@ def add_parser(subparsers) -> None:
     g.add_argument(
         "--ema-rampup", type=float, default=0.05, help="EMA half-life cap as a share of images seen"
     )
-    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="mixed precision")
+    g.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "fp16"],
+        default=None,
+        help="mixed precision (default: bf16 on CUDA, fp32 on a CPU)",
+    )
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the network, one static graph per crop size (for GPUs; on a CPU compiling "
+        "takes minutes and gained nothing in docs/benchmarks.md)",
+    )
     g.add_argument("--grad-clip", type=float, default=0.0, help="gradient norm clip (0 = off)")
     g.add_argument("--P-mean", type=float, default=-1.2, help="mean of ln(sigma) in training")
     g.add_argument("--P-std", type=float, default=1.2, help="std of ln(sigma) in training")
@@ -225,6 +236,14 @@ def explicit_fields(args: argparse.Namespace) -> frozenset[str]:
     return frozenset(path for path in paths if "." in path or path in fields)
 
 
+def default_precision(device: str | None) -> str:
+    """bf16 where training runs on CUDA (the --device given, else CUDA when present), fp32 on a CPU."""
+    import torch
+
+    on_cuda = device.startswith("cuda") if device else torch.cuda.is_available()
+    return "bf16" if on_cuda else "fp32"
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     net = network_preset(
         args.arch,
@@ -272,7 +291,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         ema_rampup_ratio=args.ema_rampup,
         cond=args.cond,
         xflip=args.xflip,
-        precision=args.precision,
+        precision=args.precision or default_precision(args.device),
         seed=args.seed,
         tick_kimg=args.tick,
         snap_ticks=args.snap,
@@ -303,6 +322,7 @@ def run(args: argparse.Namespace) -> int:
             dry_run=args.dry_run,
             grid=args.grid,
             overrides=given,
+            compile=args.compile,
         )
     except RunInterruptedError as stop:
         if os.environ.get("RANK", "0") == "0":

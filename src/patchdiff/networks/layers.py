@@ -223,10 +223,10 @@ class ResBlock(nn.Module):
             h = F.silu(self.norm1(h) * (scale + 1) + shift)
         else:
             h = F.silu(self.norm1(h + p))
-        h = self.conv1(self.dropout(h))
-        x = (h + self.skip(self.resample(x))) * self.skip_scale
+        # In place on fresh outputs (conv1's, attention's projection): neither backward needs them.
+        x = self.conv1(self.dropout(h)).add_(self.skip(self.resample(x))).mul_(self.skip_scale)
         if self.attn is not None:
-            x = (x + self.attn(x)) * self.skip_scale
+            x = self.attn(x).add_(x).mul_(self.skip_scale)
         return x
 
 

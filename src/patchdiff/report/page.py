@@ -90,6 +90,8 @@ def _progress_rows(
         ("last loss", _fmt(last.get("loss", "-"))),
         ("s / kimg", _fmt(last.get("s_per_kimg", "-"))),
         ("steps / s", _fmt(last.get("steps_per_s", "-"))),
+        ("achieved TFLOP/s", _fmt(last.get("tflops", "-"))),
+        ("MFU (bf16 peak)", f"{last['mfu']:.1%}" if isinstance(last.get("mfu"), float) else "-"),
         ("images seen", _fmt(last.get("images", "-"))),
         ("memory [GB]", _fmt(last.get("mem_gb", "-"))),
         ("ticks with a non-finite loss", str(int((~np.isfinite(column(ticks, "loss"))).sum()))),

@@ -89,12 +89,14 @@ def train(
     dry_run: bool = False,
     grid: int = 64,
     overrides=None,
+    compile: bool = False,
 ) -> Path | None:
     """Train as configured; returns the run directory (None for a dry run).
 
     resume: a state file, a run directory, or "auto" (the newest run under cfg.outdir, or a fresh run
     when there is none). A resumed run keeps its saved config except for the field paths in `overrides`
-    (the CLI passes the flags given on its command line; None means RUN_CONTROL)."""
+    (the CLI passes the flags given on its command line; None means RUN_CONTROL). compile: torch.compile
+    the network, one static graph per crop size."""
     dev = dist.init_from_env(device)
     if cfg.precision == "fp32":  # fp32 means fp32: no TF32 matmuls or convolutions (as EDM does)
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -117,7 +119,7 @@ def train(
         return None
     with StopRequests() as stop:
         try:
-            run = Run(setup, dev, progress, grid, stop, train_step)
+            run = Run(setup, dev, progress, grid, stop, train_step, compile=compile)
         except BaseException:
             if setup.lock:
                 setup.lock.release()

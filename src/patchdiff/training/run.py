@@ -37,6 +37,8 @@ from patchdiff.training.checkpoint import (
 from patchdiff.training.ema import ema_beta, update_ema
 from patchdiff.training.faults import Faults
 from patchdiff.training.lock import RunLock
+from patchdiff.training.mfu import achieved, flops_by_crop
+from patchdiff.training.optim import make_adam
 from patchdiff.training.setup import Setup, new_run_dir
 from patchdiff.training.signals import RunInterruptedError, StopRequests, signal_name
 from patchdiff.training.stream import StreamSampler, step_seed
@@ -69,6 +71,7 @@ class Run:
         grid: int,
         stop: StopRequests,
         train_step: Callable,
+        compile: bool = False,
     ):
         self.cfg, self.schedule, self.plan = cfg, schedule, plan = setup.cfg, setup.schedule, setup.plan
         self.dev, self.progress, self.grid, self.rounds, self.stop = dev, progress, grid, setup.rounds, stop
@@ -78,8 +81,10 @@ class Run:
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every process and every run
         self.denoiser = build_denoiser(cfg, pretrained=state is None).to(dev)  # a resumed run has its weights
+        if dev.type == "cuda":  # what cuDNN's fastest convolutions and bf16 tensor cores want
+            self.denoiser = self.denoiser.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.denoiser).eval().requires_grad_(False)
-        self.optimizer = torch.optim.Adam(self.denoiser.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+        self.optimizer = make_adam(self.denoiser.parameters(), cfg.lr, dev)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=cfg.precision == "fp16")
         self.counters = dict(step=0, position=0, images=0, time_s=0.0, crops={}, steps_by_size={})
         if state is not None:
@@ -117,11 +122,20 @@ class Run:
                     f"resume: dropped {dropped} stats.jsonl records past step {self.at_step} (lost work)"
                 )
 
+        # Counted once per crop size (before DDP wraps the model): each tick's TFLOP/s costs no sync.
+        self.flops_by_size = flops_by_crop(self.denoiser, schedule, cfg.network.img_channels)
+        self.tick_flops = 0.0
         self.ddp = self.denoiser
         if self.world > 1:
             self.ddp = DistributedDataParallel(
                 self.denoiser, device_ids=[dev] if dev.type == "cuda" else None, broadcast_buffers=False
             )
+        # One static graph per crop size (a handful of sizes: each compiles once, on its first step).
+        self.compile_s: dict[str, float] | None = None
+        if compile:
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+            self.ddp = torch.compile(self.ddp, dynamic=False)
+            self.compile_s = {}
         sampler = StreamSampler(
             len(setup.dataset),
             plan,
@@ -238,6 +252,9 @@ class Run:
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr * min(nimg / max(cfg.lr_rampup_kimg * 1000, 1e-8), 1.0)
         rounds_data = (next(self.batches) for _ in range(self.rounds))
+        size = str(self.schedule.sizes[index])
+        first = self.compile_s is not None and size not in self.compile_s
+        start = time.time() if first else 0.0
         loss, n = self.train_step(
             self.ddp,
             self.denoiser,
@@ -249,6 +266,11 @@ class Run:
             self.dev,
             self.rounds,
         )
+        if first:  # the first step of a size compiles its graph: timed once (a device sync, once per size)
+            if self.dev.type == "cuda":
+                torch.cuda.synchronize(self.dev)
+            self.compile_s[size] = time.time() - start
+            self.log(f"compiled the step for crop size {size}: {self.compile_s[size]:.1f} s")
         loss = self.faults.after_step(step, self.schedule.sizes[index], loss)
         self.loss_sum += loss
         self.bad_streak = (self.bad_streak + 1) * (~torch.isfinite(loss))
@@ -260,6 +282,7 @@ class Run:
         c["crops"][size] = c["crops"].get(size, 0) + seen
         c["steps_by_size"][size] = c["steps_by_size"].get(size, 0) + 1
         c["images"] += seen
+        self.tick_flops += self.flops_by_size[self.schedule.sizes[index]] * seen
         c["position"] += seen
         self.at_step = c["step"] = step + 1
         self.tick_steps += 1
@@ -299,11 +322,15 @@ class Run:
             crops=c["crops"],
             steps_by_size=c["steps_by_size"],
             mem_gb=peak_memory_gb(self.dev),
+            **achieved(self.tick_flops, now - self.tick_start, self.dev, self.world),
         )
+        if self.compile_s:
+            record["compile_s"] = dict(self.compile_s)
         self.append_stats(record)
         self.log(
             f"step {step} kimg {kimg:.3f} loss {loss_mean:.4f} sec/kimg {record['s_per_kimg']:.2f} "
-            f"steps/s {record['steps_per_s']:.2f} mem {record['mem_gb']:.2f}GB"
+            f"steps/s {record['steps_per_s']:.2f} TFLOP/s {record['tflops']:.3g} mem {record['mem_gb']:.2f}GB"
+            + (f" MFU {record['mfu']:.1%}" if "mfu" in record else "")
         )
         self.bar.set_postfix(kimg=f"{kimg:.1f}", loss=f"{loss_mean:.4f}")
         self.ticks_done += 1
@@ -315,6 +342,7 @@ class Run:
         self.loss_sum.zero_()
         self.worst_streak.zero_()
         self.tick_steps, self.tick_start, self.tick_nimg = 0, time.time(), self.plan.nimg(step)
+        self.tick_flops = 0.0
         self.next_tick = self.after(kimg, cfg.tick_kimg)
 
     # ------------------------------------------------------------------ writing

@@ -1,0 +1,55 @@
+import json
+
+import pytest
+import torch
+from tests.conftest import tiny_config
+
+from patchdiff.cli.train import default_precision
+from patchdiff.config import PatchConfig
+from patchdiff.training.loop import train
+
+
+def test_default_precision_is_bf16_on_cuda_and_fp32_on_a_cpu():
+    assert default_precision("cpu") == "fp32"
+    assert default_precision("cuda:1") == "bf16"
+    assert default_precision(None) == ("bf16" if torch.cuda.is_available() else "fp32")
+
+
+@pytest.mark.slow
+def test_compiled_training_logs_the_compile_time_and_matches_eager(landscapes, tmp_path):
+    """--compile: one static graph for the crop size, its compile time logged; the same losses as eager
+    (up to the reordered float sums of fused kernels)."""
+    losses = {}
+    for compile in (False, True):
+        cfg = tiny_config(
+            str(landscapes), str(tmp_path / str(compile)), patch=PatchConfig(schedule="full"), duration_kimg=0.05,
+            tick_kimg=0.016,
+        )  # fmt: skip
+        run = train(cfg, progress=False, grid=0, compile=compile)
+        ticks = [json.loads(r) for r in (run / "stats.jsonl").read_text().splitlines()]
+        losses[compile] = [r["loss"] for r in ticks if r["kind"] == "tick"]
+        if compile:
+            assert all(r["compile_s"]["16"] > 0 for r in ticks if r["kind"] == "tick")
+            assert "compiled the step for crop size 16" in (run / "log.txt").read_text()
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the sync check cannot run on a CPU)")
+def test_no_host_device_sync_inside_the_step_on_cuda(landscapes, tmp_path, monkeypatch):
+    from patchdiff.training import run as run_module
+
+    original, checked = run_module.Run.step, []
+
+    def strict_step(self):
+        if self.at_step >= 3:  # after one step of each crop size (lazy CUDA set-up may sync)
+            torch.cuda.set_sync_debug_mode("error")
+            checked.append(self.at_step)
+        try:
+            original(self)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    monkeypatch.setattr(run_module.Run, "step", strict_step)
+    cfg = tiny_config(str(landscapes), str(tmp_path), precision="bf16", tick_kimg=1.0, snap_ticks=0)
+    train(cfg, progress=False, grid=0, device="cuda")
+    assert len(checked) >= 5
