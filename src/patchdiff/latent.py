@@ -170,25 +170,3 @@ def decode_to_pixels(model: Any, x: torch.Tensor) -> torch.Tensor:
     if model.vae is None:
         model.vae = load_vae(latent.vae, model.device)
     return model.vae.decode(from_network(x, latent))
-
-
-def encode_from_args(args: Any):
-    """`patchdiff dataset --vae`: load the VAE and write the latent set (see data/latents.py)."""
-    from patchdiff.data.convert import parse_resolution
-    from patchdiff.data.latents import encode_dataset
-
-    if args.channels == 1:
-        raise ValueError("--channels 1 does not apply with --vae: the VAE encodes RGB images")
-    return encode_dataset(
-        args.source,
-        args.dest,
-        load_vae(args.vae, args.device),
-        resolution=None if args.resolution is None else parse_resolution(args.resolution),
-        transform=args.transform,
-        max_images=args.max_images,
-        class_folders=args.class_folders,
-        skip_bad=args.skip_bad,
-        shard_size=args.shard_size,
-        batch=args.vae_batch,
-        progress=not args.no_progress,
-    )

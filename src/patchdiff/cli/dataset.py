@@ -53,21 +53,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.vae:
-        from patchdiff.latent import encode_from_args
-
-        print(encode_from_args(args).line())
-        return 0
-    summary = convert_dataset(
-        args.source,
-        args.dest,
+    common = dict(
         resolution=None if args.resolution is None else parse_resolution(args.resolution),
         transform=args.transform,
         max_images=args.max_images,
         class_folders=args.class_folders,
         skip_bad=args.skip_bad,
-        channels=args.channels,
         progress=not args.no_progress,
     )
+    if args.vae:  # the same images, then encoded once into a latent set (data/latents.py)
+        from patchdiff.data.latents import encode_dataset
+        from patchdiff.latent import load_vae
+
+        if args.channels == 1:
+            raise ValueError("--channels 1 does not apply with --vae: the VAE encodes RGB images")
+        vae = load_vae(args.vae, args.device)
+        summary = encode_dataset(
+            args.source, args.dest, vae, shard_size=args.shard_size, batch=args.vae_batch, **common
+        )
+    else:
+        summary = convert_dataset(args.source, args.dest, channels=args.channels, **common)
     print(summary.line())
     return 0
