@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from patchdiff.config import LossConfig
-from patchdiff.loss import edm_loss, loss_weight, sample_sigma
+from patchdiff.loss import edm_loss, loss_weight, sample_sigma, sample_sigma_band
 
 
 def test_sigma_distribution_is_lognormal():
@@ -71,3 +71,33 @@ def test_published_scaling_needs_the_full_size_and_unknown_scaling_is_rejected()
         edm_loss(lambda x, s, c, l: x, y, cfg=LossConfig(scaling="published"))
     with pytest.raises(ValueError, match="unknown loss scaling 'sum'"):
         edm_loss(lambda x, s, c, l: x, y, cfg=LossConfig(scaling="sum"), full_hw=(8, 8))
+
+
+def test_noise_bands_split_the_lognormal_by_quantile():
+    gen = torch.Generator().manual_seed(0)
+    normal = torch.distributions.Normal(-1.2, 1.2)
+    bands, probs = [(0.0, 0.2), (0.2, 0.5), (0.5, 1.0)], [0.2, 0.3, 0.5]
+    draws = []
+    for (lo, hi), p in zip(bands, probs, strict=True):
+        s = sample_sigma_band(int(200_000 * p), -1.2, 1.2, (lo, hi), generator=gen)
+        q = normal.cdf(s.log())  # each draw's quantile lies in its band, spread uniformly over it
+        assert q.min() >= lo - 1e-5 and q.max() <= hi + 1e-5
+        assert abs(q.mean().item() - (lo + hi) / 2) < 0.003
+        draws.append(s)
+    # Together the bands give back ln(sigma) ~ N(-1.2, 1.2^2), as without bands.
+    log_all = torch.cat(draws).log()
+    assert abs(log_all.mean().item() + 1.2) < 0.01 and abs(log_all.std().item() - 1.2) < 0.01
+    with pytest.raises(ValueError, match="noise band"):
+        sample_sigma_band(4, -1.2, 1.2, (0.5, 0.5))
+
+
+def test_edm_loss_uses_the_band():
+    seen = []
+
+    def record(x, sigma, c, l):
+        seen.append(sigma)
+        return x
+
+    edm_loss(record, torch.randn(512, 1, 4, 4), band=(0.0, 0.2), generator=torch.Generator().manual_seed(1))
+    ceiling = torch.distributions.Normal(-1.2, 1.2).icdf(torch.tensor(0.2)).exp()
+    assert seen[0].max() <= ceiling * (1 + 1e-5) and seen[0].min() > 0

@@ -120,3 +120,14 @@ def test_override_multipliers_and_bad_configs():
         resolve_schedule(PatchConfig(sizes=(16, 64), probs=(0.5, 0.6)), (64, 64))
     with pytest.raises(ValueError, match="real-p"):
         resolve_schedule(PatchConfig(real_p=1.5), (64, 64))
+
+
+def test_noise_bands_tile_the_quantiles_from_small_to_full_crops():
+    s = resolve_schedule(PatchConfig(noise_bands=True), (32, 32))
+    bands = [s.noise_band(i) for i in range(len(s.sizes))]
+    assert s.sizes == (8, 16, 32)
+    assert bands[0][0] == 0.0 and math.isclose(bands[-1][1], 1.0)
+    for (lo, hi), (next_lo, _), p in zip(bands, [*bands[1:], (1.0, 1.0)], s.probs, strict=True):
+        assert math.isclose(hi - lo, p) and math.isclose(hi, next_lo)
+    with pytest.raises(ValueError, match="--noise-bands needs --patch-schedule stochastic"):
+        resolve_schedule(PatchConfig(schedule="progressive", noise_bands=True), (32, 32))

@@ -132,6 +132,7 @@ class PatchConfig:
     batch_mult: tuple[float, ...] = ()  # images per step per base image, one per size
     latent: bool = False  # use the latent-space default sizes
     coords: bool = True  # add the coordinate channels
+    noise_bands: bool = False  # smaller crops train on lower noise levels (patching.noise_band)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,18 @@ def sample_sigma(n: int, P_mean: float, P_std: float, device=None, generator=Non
     return (torch.randn(n, device=device, generator=generator) * P_std + P_mean).exp()
 
 
+def sample_sigma_band(
+    n: int, P_mean: float, P_std: float, band: tuple[float, float], device=None, generator=None
+) -> torch.Tensor:
+    """Noise levels from the quantile band (lo, hi) of the same distribution:
+    u ~ U(lo, hi), ln(sigma) = P_mean + P_std * Phi^-1(u). The bands (0, 1) and N(P_mean, P_std^2) agree."""
+    lo, hi = band
+    if not 0.0 <= lo < hi <= 1.0:
+        raise ValueError(f"noise band {band} must satisfy 0 <= lo < hi <= 1")
+    u = (lo + (hi - lo) * torch.rand(n, device=device, generator=generator)).clamp(1e-7, 1.0 - 1e-7)
+    return (torch.special.ndtri(u) * P_std + P_mean).exp()
+
+
 def loss_weight(sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
     """lambda(sigma), which makes the effective loss weight uniform in ln(sigma) (EDM Sec. 5)."""
     return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
@@ -54,13 +66,19 @@ def edm_loss(
     cfg: LossConfig | None = None,
     generator=None,
     full_hw: tuple[int, int] | None = None,
+    band: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """The scalar loss for clean crops y [N, C, h, w] (in [-1, 1] or latent units) with their coords.
 
-    `full_hw` is the (H, W) of the full image the crops come from; only the "published" scaling uses it."""
+    `full_hw` is the (H, W) of the full image the crops come from; only the "published" scaling uses it.
+    `band`: draw sigma from these quantiles of its distribution (noise-banded crops, patching.noise_band)."""
     cfg = cfg or LossConfig()
     scale = crop_scale((y.shape[2], y.shape[3]), full_hw, cfg.scaling)
-    sigma = sample_sigma(y.shape[0], cfg.P_mean, cfg.P_std, y.device, generator).reshape(-1, 1, 1, 1)
+    if band is None:
+        sigma = sample_sigma(y.shape[0], cfg.P_mean, cfg.P_std, y.device, generator)
+    else:
+        sigma = sample_sigma_band(y.shape[0], cfg.P_mean, cfg.P_std, band, y.device, generator)
+    sigma = sigma.reshape(-1, 1, 1, 1)
     n = torch.randn(y.shape, device=y.device, generator=generator) * sigma
     D = denoiser(y + n, sigma.reshape(-1), coords, class_labels)
     return (loss_weight(sigma, cfg.sigma_data) * (D - y) ** 2).mean() * scale

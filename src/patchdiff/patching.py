@@ -107,6 +107,18 @@ class PatchSchedule:
                 return i
         return len(self.sizes) - 1
 
+    def noise_band(self, index: int) -> tuple[float, float]:
+        """The band of noise-level quantiles that crop size `index` trains on with `--noise-bands`.
+
+        Sizes in increasing order take consecutive bands of width probs[i]: the smallest crops get the
+        lowest noise levels, whole images the highest. Averaged over steps, ln(sigma) keeps its
+        N(P_mean, P_std^2) distribution. Why: at low noise the ideal denoiser only looks at a small
+        neighbourhood, which a crop holds; at high noise it needs the whole image, which only a
+        full-size step shows.
+        """
+        lo = sum(self.probs[:index])
+        return lo, min(lo + self.probs[index], 1.0)
+
     def images_per_round(self, batch_gpu: int, index: int) -> int:
         """Images each process loads per accumulation round at crop size `index`."""
         return max(1, round(batch_gpu * self.batch_mult[index]))
@@ -151,6 +163,11 @@ def resolve_schedule(cfg: PatchConfig, image_size: tuple[int, int], min_crop: in
         raise ValueError(f"{len(sizes)} patch sizes {sizes} but {len(probs)} probabilities {probs}")
     if any(p < 0 for p in probs) or not math.isclose(sum(probs), 1.0, abs_tol=1e-6):
         raise ValueError(f"patch probabilities {probs} must be non-negative and sum to 1")
+    if cfg.noise_bands and cfg.schedule != "stochastic":
+        raise ValueError(
+            f"--noise-bands needs --patch-schedule stochastic (it ties noise levels to crop sizes drawn "
+            f"within one run), not {cfg.schedule!r}"
+        )
     if list(sizes) != sorted(sizes):
         raise ValueError(f"patch sizes {sizes} must be in increasing order")
     for s in sizes:

@@ -243,3 +243,23 @@ def test_the_state_is_written_between_snapshots(landscapes, tmp_path, monkeypatc
     else:  # the clock is always due: every step
         assert written == list(range(1, total + 1))
     assert len(list(run.glob("snapshot-*.safetensors"))) == 1
+
+
+def test_noise_bands_reach_the_loss_per_crop_size(landscapes, tmp_path, monkeypatch):
+    """--noise-bands: every step's loss draws sigma from its crop size's band; small crops low, full high."""
+    seen = {}
+
+    def recording_loss(*args, band=None, **kwargs):
+        seen.setdefault(args[1].shape[-1], set()).add(band)
+        return edm_loss(*args, band=band, **kwargs)
+
+    monkeypatch.setattr(loop, "edm_loss", recording_loss)
+    patch = PatchConfig(noise_bands=True)
+    cfg = tiny_config(str(landscapes), str(tmp_path), patch=patch, duration_kimg=0.15)
+    run = loop.train(cfg, progress=False, grid=2)
+    assert json.loads((run / "config.json").read_text())["patch"]["noise_bands"] is True
+    # 16x16 images: crops 4, 8, 16 with p = 0.2, 0.3, 0.5 take the quantiles 0-0.2, 0.2-0.5, 0.5-1.
+    expected = {4: (0.0, 0.2), 8: (0.2, 0.5), 16: (0.5, 1.0)}
+    assert seen and all(len(bands) == 1 for bands in seen.values())
+    for size, bands in seen.items():
+        assert next(iter(bands)) == pytest.approx(expected[size])

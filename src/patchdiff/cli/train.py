@@ -91,6 +91,12 @@ def add_parser(subparsers) -> None:
     g.add_argument("--latent", action="store_true", help="latent-space default sizes R/2,R")
     g.add_argument("--no-coords", action="store_true", help="leave out the coordinate channels")
     g.add_argument(
+        "--noise-bands",
+        action="store_true",
+        help="smaller crops train on lower noise levels, whole images on the highest (stochastic "
+        "schedule; the overall noise distribution is unchanged; see docs/evidence.md)",
+    )
+    g.add_argument(
         "--latent-norm",
         choices=["sd", "channel"],
         default="sd",
@@ -208,6 +214,7 @@ FIELD_OF_FLAG = {
     "batch_mult": "patch.batch_mult",
     "latent": "patch.latent",
     "no_coords": "patch.coords",
+    "noise_bands": "patch.noise_bands",
     "duration": "duration_kimg",
     "lr_rampup": "lr_rampup_kimg",
     "ema": "ema_halflife_kimg",
@@ -274,6 +281,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         batch_mult=args.batch_mult,
         latent=args.latent,
         coords=not args.no_coords,
+        noise_bands=args.noise_bands,
     )
     return TrainConfig(
         data=args.data,

@@ -47,9 +47,11 @@ def train_step(
     cfg: TrainConfig,
     dev: torch.device,
     rounds: int,
+    band: tuple[float, float] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """One optimiser step over `rounds` accumulation rounds of (uint8 images, labels) at crop size `crop`.
 
+    band: the noise-level quantiles of this crop size (--noise-bands), or None for all of them.
     Returns the step's mean loss (a device tensor: no host sync) and the images per round."""
     optimizer.zero_grad(set_to_none=True)
     loss_sum, n = torch.zeros((), device=dev), 0
@@ -64,7 +66,13 @@ def train_step(
         with sync:
             with autocast(dev, cfg.precision):
                 loss = edm_loss(
-                    ddp, y, coords if cfg.patch.coords else None, onehot, cfg.loss, full_hw=cfg.image_size
+                    ddp,
+                    y,
+                    coords if cfg.patch.coords else None,
+                    onehot,
+                    cfg.loss,
+                    full_hw=cfg.image_size,
+                    band=band,
                 )
             scaler.scale(loss / rounds).backward()
         loss_sum += loss.detach() / rounds

@@ -265,6 +265,7 @@ class Run:
             cfg,
             self.dev,
             self.rounds,
+            band=self.schedule.noise_band(index) if cfg.patch.noise_bands else None,
         )
         if first:  # the first step of a size compiles its graph: timed once (a device sync, once per size)
             if self.dev.type == "cuda":
