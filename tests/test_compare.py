@@ -49,7 +49,9 @@ def compare(study, outdir):
 
 @pytest.mark.slow
 def test_tiny_study_writes_table_and_plots_and_does_not_retrain(tmp_path, landscapes, tiny_detector):
-    study = write_study(tmp_path / "study.json", landscapes, tiny_detector)
+    study = write_study(
+        tmp_path / "study.json", landscapes, tiny_detector, heldout=str(landscapes), heldout_num=8
+    )
     out = tmp_path / "out"
     first = compare(study, out)
     assert first.returncode == 0, first.stderr
@@ -62,7 +64,8 @@ def test_tiny_study_writes_table_and_plots_and_does_not_retrain(tmp_path, landsc
         assert p["kimg"] * 1000 * p["flops_per_image"] == pytest.approx(plan["full"]["budget_flops"])
     table = (out / "results.md").read_text()
     assert "| full |" in table and "| patch |" in table
-    for png in ("fid-vs-kimg.png", "fid-vs-time.png", "fid-vs-flops.png", "grids.png"):
+    assert "Held-out loss on whole images by noise level" in table and "| 80 |" in table
+    for png in ("fid-vs-kimg.png", "fid-vs-time.png", "fid-vs-flops.png", "grids.png", "loss-vs-sigma.png"):
         assert (out / png).stat().st_size > 1000
     for name in ("full", "patch"):
         result = json.loads((out / "runs" / name / "result.json").read_text())
@@ -72,6 +75,9 @@ def test_tiny_study_writes_table_and_plots_and_does_not_retrain(tmp_path, landsc
         assert len(fids) == 2  # `points` evaluations, the last at the end of training
         assert all(f == f and f >= 0 for f in fids)
         assert f"{fids[-1]:.2f}" in table
+        by_sigma = result["sigma_loss"]
+        assert by_sigma["num"] == 8 and len(by_sigma["loss"]) == len(by_sigma["sigmas"]) == 9
+        assert all(0 < v < 100 for v in by_sigma["loss"])
 
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.suffix in (".jsonl", ".safetensors")}
     second = compare(study, out)
@@ -146,3 +152,31 @@ def test_results_table_rows():
         "| full | `--patch-schedule full` | 1.50 | 2 G | 3 T | 30 s | 3.3 min | 12.35 | 0.0100 ± 0.0020 |"
         in table
     )
+
+
+def test_loss_by_sigma_closed_forms():
+    """D(x) = y scores 0; D(x) = x leaves the noise: lambda(sigma) * sigma^2 at each sigma."""
+    import torch
+
+    from patchdiff.compare.sigma_loss import loss_by_sigma
+    from patchdiff.loss import loss_weight
+
+    y = torch.rand(64, 1, 8, 8) * 2 - 1
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, clean):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+            self.clean = clean
+
+        def forward(self, x, sigma, coords, labels):
+            return y[: len(x)] if self.clean else x
+
+    assert loss_by_sigma(Fixed(True), y, (0.1, 1.0), batch=64) == [0.0, 0.0]
+    sigmas = (0.1, 1.0, 10.0)
+    losses = loss_by_sigma(Fixed(False), y, sigmas, batch=64)
+    for sigma, loss in zip(sigmas, losses, strict=True):
+        expected = float(loss_weight(torch.tensor(sigma))) * sigma**2
+        assert loss == pytest.approx(expected, rel=0.03)
+    # Seeded: the same noise for every model scored.
+    assert loss_by_sigma(Fixed(False), y, sigmas, batch=64) == losses

@@ -47,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
         results = run_study(
             study, outdir, progress=not args.no_progress, on_start=lambda n: print(f"training {n}")
         )
+    if study.heldout:
+        from patchdiff.compare.sigma_loss import ensure_sigma_losses
+
+        results = ensure_sigma_losses(results, study.heldout, study.heldout_num, outdir)
     budget = next(iter(plan.values()))["budget_flops"]
     paths = write_results(results, outdir, budget)
     print(paths["table"])

@@ -107,6 +107,50 @@ def plot_grids(results: dict[str, dict], path: Path, dpi: int = 100) -> Path:
     return path
 
 
+def sigma_loss_table(results: dict[str, dict]) -> str:
+    """Held-out loss at each noise level (rows) for each configuration (columns), and its ratio to the
+    first configuration's: below 1 means a better denoiser at that noise level."""
+    scored = {name: r["sigma_loss"] for name, r in results.items() if "sigma_loss" in r}
+    if not scored:
+        return ""
+    names = list(scored)
+    first = scored[names[0]]
+    lines = [
+        "| sigma | " + " | ".join(names) + " |",
+        "| ---: | " + " | ".join("---:" for _ in names) + " |",
+    ]
+    for i, sigma in enumerate(first["sigmas"]):
+        cells = []
+        for name in names:
+            loss = scored[name]["loss"][i]
+            ratio = loss / first["loss"][i] if first["loss"][i] > 0 else math.nan
+            cells.append(f"{loss:.4f}" if name == names[0] else f"{loss:.4f} ({ratio:.3f})")
+        lines.append(f"| {sigma:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_sigma_loss(results: dict[str, dict], path: Path, dpi: int = 100) -> Path:
+    """Held-out loss against sigma, as a ratio to the first configuration's (log sigma axis)."""
+    scored = {name: r["sigma_loss"] for name, r in results.items() if "sigma_loss" in r}
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.add_subplot()
+    first = next(iter(scored.values()))
+    base = np.asarray(first["loss"])
+    for i, (name, s) in enumerate(scored.items()):
+        ax.plot(s["sigmas"], np.asarray(s["loss"]) / base, "o-", ms=3, color=f"C{i}", label=name)
+    ax.set_xscale("log")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set(
+        xlabel="sigma",
+        ylabel=f"held-out loss / {next(iter(scored))}'s",
+        title="held-out loss by noise level (whole images)",
+    )
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    atomic_write_bytes(path, png_bytes(fig, dpi))
+    return path
+
+
 def write_results(
     results: dict[str, dict], outdir: str | os.PathLike, budget_flops: float
 ) -> dict[str, Path]:
@@ -119,11 +163,19 @@ def write_results(
         "fid_flops": plot_fid(results, "flops", outdir / "fid-vs-flops.png"),
         "grids": plot_grids(results, outdir / "grids.png"),
     }
+    by_sigma = sigma_loss_table(results)
+    if by_sigma:
+        paths["sigma_loss"] = plot_sigma_loss(results, outdir / "loss-vs-sigma.png")
     text = (
         f"# Study results\n\nBudget: {_fmt_flops(budget_flops)}FLOPs of training per configuration "
         "(counted forward + backward matmuls and convolutions, see patchdiff/flops.py). Train time excludes "
         "snapshots and metrics; wall time is the whole `patchdiff train` run. FID/KID at the last snapshot.\n\n"
         + results_table(rows)
+        + (
+            f"\nHeld-out loss on whole images by noise level (ratio to the first configuration):\n\n{by_sigma}"
+            if by_sigma
+            else ""
+        )
         + "\n"
         + "".join(f"![{k}]({p.name})\n" for k, p in paths.items())
     )

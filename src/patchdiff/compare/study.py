@@ -76,6 +76,8 @@ class StudyConfig:
     detector: str = ""
     grid: int = 64  # images in each snapshot's sample grid
     launcher: tuple[str, ...] = ()  # default: this Python, `-m`
+    heldout: str = ""  # a data set of held-out images: the final snapshots' loss by noise level
+    heldout_num: int = 500
 
 
 def load_study(path: str | os.PathLike) -> StudyConfig:
@@ -102,7 +104,9 @@ def load_study(path: str | os.PathLike) -> StudyConfig:
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"study file {path}: {error}") from None
     here = path.resolve().parent
-    resolved = {k: str(here / v) for k in ("data", "metric_ref", "detector") if (v := getattr(study, k))}
+    resolved = {
+        k: str(here / v) for k in ("data", "metric_ref", "detector", "heldout") if (v := getattr(study, k))
+    }
     study = dataclasses.replace(study, configs=configs, **resolved)
     check_study(study, path)
     return study
@@ -129,6 +133,10 @@ def check_study(study: StudyConfig, source: str | os.PathLike = "study") -> None
         )
     if study.points < 1 or any(c.points < 0 for c in study.configs):
         raise ValueError(f"{source}: points {study.points} must be at least 1 (and a configuration's >= 0)")
+    if study.heldout and not Path(study.heldout).exists():
+        raise FileNotFoundError(f"{source}: held-out set {study.heldout!r} does not exist")
+    if study.heldout_num < 1:
+        raise ValueError(f"{source}: heldout_num {study.heldout_num} must be at least 1")
     if not Path(study.data).exists():
         raise FileNotFoundError(f"{source}: data set {study.data!r} does not exist")
 
