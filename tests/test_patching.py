@@ -5,7 +5,7 @@ import torch
 
 from patchdiff import coordinate_grid, random_patches
 from patchdiff.config import PatchConfig
-from patchdiff.patching import crop_at, resolve_schedule, shared_uniform
+from patchdiff.patching import crop_at, crop_coords, resolve_schedule, shared_uniform
 
 
 def test_coordinate_grid_closed_form():
@@ -56,6 +56,23 @@ def test_crop_at_handles_explicit_offsets_and_rejects_oversize():
     assert torch.equal(patches[1, 0], images[1, 0, 2:4, 0:2])
     with pytest.raises(ValueError, match="does not fit"):
         random_patches(images, 5)
+
+
+@pytest.mark.parametrize("H,W,h,w", [(16, 16, 4, 4), (12, 20, 8, 8), (12, 20, 12, 20), (1, 6, 1, 3)])
+def test_crop_coords_are_the_full_grid_at_the_offsets(H, W, h, w):
+    """The coordinates built from offsets alone (as training builds them on the device) are the full grid's
+    values at the crop's pixels, and are what crop_at returns with the crop."""
+    gen = torch.Generator().manual_seed(2)
+    top = torch.randint(0, H - h + 1, (5,), generator=gen)
+    left = torch.randint(0, W - w + 1, (5,), generator=gen)
+    coords = crop_coords(top, left, (h, w), (H, W))
+    assert coords.shape == (5, 2, h, w) and coords.dtype == torch.float32
+    grid = coordinate_grid(H, W)
+    for n in range(5):
+        t, l = top[n].item(), left[n].item()
+        assert torch.equal(coords[n], grid[:, t : t + h, l : l + w])
+    _, from_crop_at = crop_at(torch.zeros(5, 1, H, W), top, left, (h, w))
+    assert torch.equal(from_crop_at, coords)
 
 
 def test_default_stochastic_schedule_sizes_and_multipliers():

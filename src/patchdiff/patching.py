@@ -16,11 +16,17 @@ import torch
 from patchdiff.config import PatchConfig, ScheduleKind
 
 
-def _axis(n: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Positions 0..n-1 mapped to [-1, 1]; a single pixel sits at 0."""
+def _unit(positions: torch.Tensor, n: int, dtype=torch.float32) -> torch.Tensor:
+    """Pixel positions along an axis of n pixels mapped to [-1, 1] (0 -> -1, n-1 -> 1); a single pixel
+    sits at 0."""
     if n == 1:
-        return torch.zeros(1, device=device, dtype=dtype)
-    return torch.arange(n, device=device, dtype=dtype) * (2.0 / (n - 1)) - 1.0
+        return torch.zeros_like(positions, dtype=dtype)
+    return positions.to(dtype) * (2.0 / (n - 1)) - 1.0
+
+
+def _axis(n: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Positions 0..n-1 mapped to [-1, 1]."""
+    return _unit(torch.arange(n, device=device), n, dtype)
 
 
 def coordinate_grid(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -28,6 +34,25 @@ def coordinate_grid(height: int, width: int, device=None, dtype=torch.float32) -
     x = _axis(width, device, dtype).expand(height, width)
     y = _axis(height, device, dtype)[:, None].expand(height, width)
     return torch.stack([x, y])
+
+
+def crop_coords(
+    top: torch.Tensor, left: torch.Tensor, size: tuple[int, int], full: tuple[int, int], device=None
+) -> torch.Tensor:
+    """The coordinate channels [N, 2, h, w] of crops of size = (h, w) at per-image offsets (top, left:
+    int64 [N]) in images of size full = (H, W): the full grid's values at the crops' pixels.
+
+    Training cuts crops on the host and builds their coordinates here, on the device, from the offsets
+    alone; `crop_at` uses it too, so there is one convention."""
+    (h, w), (H, W) = size, full
+    device = top.device if device is None else device
+    # non_blocking: offsets come pinned from the loader, and a blocking copy would wait for the device.
+    rows = top.to(device, non_blocking=True)[:, None] + torch.arange(h, device=device)  # [N, h]
+    cols = left.to(device, non_blocking=True)[:, None] + torch.arange(w, device=device)  # [N, w]
+    N = rows.shape[0]
+    x = _unit(cols, W)[:, None, :].expand(N, h, w)
+    y = _unit(rows, H)[:, :, None].expand(N, h, w)
+    return torch.stack([x, y], dim=1)
 
 
 def crop_at(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: tuple[int, int]):
@@ -42,11 +67,7 @@ def crop_at(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: t
     # Advanced indices around a slice put the batch dims first: [N, h, w, C] -> [N, C, h, w].
     n = torch.arange(N, device=images.device)[:, None, None]
     patches = images[n, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-    scale_x = 2.0 / (W - 1) if W > 1 else 0.0
-    scale_y = 2.0 / (H - 1) if H > 1 else 0.0
-    x = (cols.to(torch.float32) * scale_x - (1.0 if W > 1 else 0.0))[:, None, :].expand(N, h, w)
-    y = (rows.to(torch.float32) * scale_y - (1.0 if H > 1 else 0.0))[:, :, None].expand(N, h, w)
-    return patches.contiguous(), torch.stack([x, y], dim=1)
+    return patches.contiguous(), crop_coords(top, left, size, (H, W), images.device)
 
 
 def random_patches(images: torch.Tensor, patch_size: int | tuple[int, int], generator=None):
