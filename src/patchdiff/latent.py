@@ -79,11 +79,11 @@ def from_network(x: torch.Tensor, latent: LatentConfig) -> torch.Tensor:
 
 
 def prepare_batch(data: torch.Tensor, device: torch.device, cfg: TrainConfig) -> torch.Tensor:
-    """A training batch -> the network's full-size input, float32 on `device`.
+    """A training batch of crops (or whole images) -> the network's input, float32 on `device`.
 
-    Pixels: uint8 [B, C, H, W] -> [-1, 1]. Latents: float16 [B, 2, C, h, w] (posterior mean, std) -> a
-    fresh posterior sample, scaled. eps comes from the global torch RNG, which the loop seeds per
-    (seed, rank, step), so a resumed run draws the same latents."""
+    Pixels: uint8 [B, C, h, w] -> [-1, 1]. Latents: float16 [B, 2, C, h, w] (posterior mean, std, cut at
+    the same place) -> a fresh posterior sample of the crop, scaled. eps comes from the global torch RNG,
+    which the loop seeds per (seed, rank, step), so a resumed run draws the same latents."""
     data = data.to(device, non_blocking=True)
     if not cfg.latent.vae:
         return data.to(torch.float32) / 127.5 - 1

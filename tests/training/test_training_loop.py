@@ -15,9 +15,19 @@ from patchdiff.config import PatchConfig
 from patchdiff.data import ImageDataset
 from patchdiff.generation import build_denoiser
 from patchdiff.loss import edm_loss
+from patchdiff.patching import crop_at
 from patchdiff.training import loop
 from patchdiff.training import run as run_module
 from patchdiff.training.checkpoint import load_state
+from patchdiff.training.stream import Crop
+
+
+def cut_round(images, labels, crop, generator=None) -> Crop:
+    """A round as the loader delivers it: uint8 crops at uniform offsets, with the offsets."""
+    N, _, H, W = images.shape
+    top = torch.randint(0, H - crop[0] + 1, (N,), generator=generator)
+    left = torch.randint(0, W - crop[1] + 1, (N,), generator=generator)
+    return Crop(crop_at(images, top, left, crop)[0], labels, top, left)
 
 
 def read_jsonl(path):
@@ -65,17 +75,9 @@ def test_loss_goes_down_on_a_tiny_data_set(landscapes):
     before = held_out_loss()
     for step in range(120):
         batch = data[torch.randint(64, (16,))]
-        loop.train_step(
-            denoiser,
-            denoiser,
-            optimizer,
-            scaler,
-            [(batch, labels[:16])],
-            (8, 8) if step % 2 else (16, 16),
-            cfg,
-            torch.device("cpu"),
-            1,
-        )
+        crop = (8, 8) if step % 2 else (16, 16)
+        rounds_data = [cut_round(batch, labels[:16], crop)]
+        loop.train_step(denoiser, denoiser, optimizer, scaler, rounds_data, crop, cfg, torch.device("cpu"), 1)
     after = held_out_loss()
     assert after < 0.7 * before, (before, after)
 
@@ -157,10 +159,52 @@ def test_gradient_accumulation_matches_one_big_batch(landscapes, monkeypatch):
         denoiser = build_denoiser(cfg)
         opt = torch.optim.SGD(denoiser.parameters(), lr=0.0)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        chunks = list(zip(images.chunk(rounds), labels.chunk(rounds), strict=True))
+        chunks = [
+            cut_round(x, y, (16, 16)) for x, y in zip(images.chunk(rounds), labels.chunk(rounds), strict=True)
+        ]
         loop.train_step(denoiser, denoiser, opt, scaler, chunks, (16, 16), cfg, torch.device("cpu"), rounds)
         grads.append(torch.cat([p.grad.flatten() for p in denoiser.parameters()]))
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
+def test_the_step_takes_crops_and_builds_their_coordinates(landscapes, monkeypatch):
+    """train_step on crops cut on the host sees what cropping the full batch on the device gave: the same
+    pixels in [-1, 1] and the full grid's coordinates at the crops' offsets."""
+    seen = []
+
+    def recording_loss(denoiser, y, coords=None, *args, **kwargs):
+        seen.append((y, coords))
+        return edm_loss(denoiser, y, coords, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "edm_loss", recording_loss)
+    dataset = ImageDataset(landscapes)
+    cfg = loop.resolve(tiny_config(str(landscapes), "unused"), dataset)
+    images, labels = torch.stack([dataset[i][0] for i in range(6)]), torch.zeros(6, dtype=torch.long)
+    denoiser = build_denoiser(cfg)
+    optimizer = torch.optim.SGD(denoiser.parameters(), lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    batch = cut_round(images, labels, (8, 8), torch.Generator().manual_seed(4))
+    loop.train_step(denoiser, denoiser, optimizer, scaler, [batch], (8, 8), cfg, torch.device("cpu"), 1)
+    ((y, coords),) = seen
+    expected, expected_coords = crop_at(images.float() / 127.5 - 1, batch.top, batch.left, (8, 8))
+    assert torch.equal(y, expected) and torch.equal(coords, expected_coords)
+    with pytest.raises(ValueError, match=r"\(8, 8\) crops in a step of \(16, 16\) crops"):
+        loop.train_step(denoiser, denoiser, optimizer, scaler, [batch], (16, 16), cfg, torch.device("cpu"), 1)
+
+
+def test_loader_workers_do_not_change_the_run(landscapes, tmp_path):
+    """Crops are cut in the loader workers at offsets of (seed, rank, step, round, slot): training with
+    --workers 0 and --workers 2 gives the same weights, bit for bit."""
+    states = []
+    for workers in (0, 2):
+        out = str(tmp_path / str(workers))  # two accumulation rounds per step: offsets depend on the round
+        cfg = tiny_config(str(landscapes), out, duration_kimg=0.1, batch_gpu=4, workers=workers)
+        states.append(load_state(loop.train(cfg, progress=False, grid=0) / "state.pt"))
+    a, b = states
+    assert json.loads(a["counters"])["crops"] == json.loads(b["counters"])["crops"]
+    for key in ("denoiser", "ema"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs between 0 and 2 workers"
 
 
 def test_torchrun_two_processes(landscapes, tmp_path):

@@ -1,9 +1,10 @@
 """The training loop: Patch Diffusion on top of EDM, one process or many under torchrun.
 
 Each step: draw the step's crop size (the same on every process), load `batch_gpu * R/P` images per
-process and accumulation round, crop each at a random place with its coordinates, take the EDM loss,
-average gradients (DDP), scrub non-finite values, step Adam, update the EMA. Ticks log; snapshots
-write the EMA weights, a sample grid and the resumable training state.
+process and accumulation round, each cut at a random place by the loader workers (training/stream.py),
+add the crops' coordinates on the device, take the EDM loss, average gradients (DDP), scrub non-finite
+values, step Adam, update the EMA. Ticks log; snapshots write the EMA weights, a sample grid and the
+resumable training state.
 
 This module holds the step (`train_step`) and the entry point (`train`); set-up and resuming live in
 setup.py, the run itself (step loop, ticks, snapshots, checkpoints, stop signals) in run.py.
@@ -23,7 +24,7 @@ from patchdiff.generation import build_denoiser
 from patchdiff.latent import prepare_batch
 from patchdiff.loss import edm_loss
 from patchdiff.networks import count_parameters
-from patchdiff.patching import random_patches
+from patchdiff.patching import crop_coords
 from patchdiff.training.run import NonFiniteLossError, Run
 from patchdiff.training.setup import RUN_CONTROL, batch_split, make_plan, prepare, resolve
 from patchdiff.training.signals import StopRequests
@@ -49,16 +50,20 @@ def train_step(
     rounds: int,
     band: tuple[float, float] | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """One optimiser step over `rounds` accumulation rounds of (uint8 images, labels) at crop size `crop`.
+    """One optimiser step over `rounds` accumulation rounds of `stream.Crop` batches: crops already cut at
+    size `crop` (uint8 pixels, or float16 latent mean and std), labels, each crop's offset in its image.
 
     band: the noise-level quantiles of this crop size (--noise-bands), or None for all of them.
     Returns the step's mean loss (a device tensor: no host sync) and the images per round."""
     optimizer.zero_grad(set_to_none=True)
     loss_sum, n = torch.zeros((), device=dev), 0
-    for r, (images, labels) in enumerate(rounds_data):
-        n = images.shape[0]
-        y = prepare_batch(images, dev, cfg)  # pixels to [-1, 1], or a fresh latent sample
-        y, coords = random_patches(y, crop)
+    for r, (data, labels, top, left) in enumerate(rounds_data):
+        n = data.shape[0]
+        if tuple(data.shape[-2:]) != tuple(crop):
+            raise ValueError(f"a round of {tuple(data.shape[-2:])} crops in a step of {tuple(crop)} crops")
+        y = prepare_batch(data, dev, cfg)  # pixels to [-1, 1], or a fresh latent sample of the crops
+        # The coordinates follow from the offsets and the full image's size: nothing else crosses over.
+        coords = crop_coords(top, left, crop, cfg.image_size, dev) if cfg.patch.coords else None
         label_dim = cfg.network.label_dim
         # One-hot on the host: on CUDA, one_hot would check the label range with a device sync.
         onehot = F.one_hot(labels, label_dim).float().to(dev, non_blocking=True) if label_dim else None
@@ -68,7 +73,7 @@ def train_step(
                 loss = edm_loss(
                     ddp,
                     y,
-                    coords if cfg.patch.coords else None,
+                    coords,
                     onehot,
                     cfg.loss,
                     full_hw=cfg.image_size,

@@ -41,7 +41,7 @@ from patchdiff.training.mfu import achieved, flops_by_crop
 from patchdiff.training.optim import make_adam
 from patchdiff.training.setup import Setup, new_run_dir
 from patchdiff.training.signals import RunInterruptedError, StopRequests, signal_name
-from patchdiff.training.stream import StreamSampler, step_seed
+from patchdiff.training.stream import CropDataset, StreamSampler, step_seed
 
 
 class NonFiniteLossError(RuntimeError):
@@ -146,8 +146,9 @@ class Run:
             self.at_step,
             self.counters["position"],
         )
+        # The workers cut each image at its CropKey before collation: only crops are pinned and copied.
         loader = torch.utils.data.DataLoader(
-            setup.dataset,
+            CropDataset(setup.dataset),
             batch_sampler=sampler,
             num_workers=cfg.workers,
             pin_memory=dev.type == "cuda",
@@ -247,7 +248,7 @@ class Run:
         cfg, plan, step = self.cfg, self.plan, self.at_step
         index = plan.size_index(step)
         crop = self.schedule.crop_shape(index)
-        torch.manual_seed(step_seed(cfg.seed, self.rank, step))  # crops, sigma, noise, dropout of this step
+        torch.manual_seed(step_seed(cfg.seed, self.rank, step))  # sigma, noise, latents, dropout of this step
         nimg = plan.nimg(step)
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr * min(nimg / max(cfg.lr_rampup_kimg * 1000, 1e-8), 1.0)

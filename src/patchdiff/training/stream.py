@@ -1,11 +1,16 @@
-"""The data stream and the step plan: which crop size each step uses and which images it loads.
+"""The data stream and the step plan: which crop size each step uses, which images it loads, and where
+each image is cropped.
 
-Both are pure functions of (seed, step, position), so training resumes exactly and every process
+All are pure functions of (seed, step, position), so training resumes exactly and every process
 agrees on the crop size of every step without talking to the others.
 
 The stream is an endless sequence of epochs, each a permutation of the data set seeded by
 (seed, epoch). A step's accumulation round takes the next n * world images of the stream; process k
 gets the k-th block of n. The only state is the stream position (an int).
+
+Crops are cut on the host, in the loader workers, from the uint8 image (or the float16 latent mean and
+std): the sampler hands each worker a `CropKey` (image, offset, size), `CropDataset` cuts the window,
+and only crops are collated, pinned and copied to the device, where `train_step` adds their coordinates.
 """
 
 from __future__ import annotations
@@ -13,13 +18,14 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from patchdiff.patching import PatchSchedule
 
-STEP_STREAM, EPOCH_STREAM = 1, 2  # keep the seeds of different purposes apart
+STEP_STREAM, EPOCH_STREAM, CROP_STREAM = 1, 2, 3  # keep the seeds of different purposes apart
 
 
 def derive_seed(*keys: int) -> int:
@@ -28,8 +34,72 @@ def derive_seed(*keys: int) -> int:
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
-    """The seed of one process's RNG for one step: crops, noise levels, noise, dropout."""
+    """The seed of one process's torch RNG for one step: noise levels, noise, latent samples, dropout."""
     return derive_seed(seed, STEP_STREAM, rank, step)
+
+
+def crop_offsets(
+    seed: int, rank: int, step: int, round_: int, count: int, full: tuple[int, int], crop: tuple[int, int]
+) -> np.ndarray:
+    """(top, left) of each of a round's `count` crops of size crop = (h, w) in images of size full = (H, W),
+    int64 [count, 2], each uniform over 0..H-h x 0..W-w (numpy's bounded integers have no modulo bias).
+
+    Slot i takes the i-th draw of an RNG seeded by (seed, rank, step, round), so its offset depends on
+    those and i only: not on the worker that cuts it, nor on the host's torch RNG, and a resumed run cuts
+    the same crops. A full-size crop has the single offset (0, 0) and draws nothing."""
+    (H, W), (h, w) = full, crop
+    if not (0 < h <= H and 0 < w <= W):
+        raise ValueError(f"crop size {h}x{w} does not fit in images of size {H}x{W}")
+    if (h, w) == (H, W):
+        return np.zeros((count, 2), dtype=np.int64)
+    rng = np.random.default_rng(derive_seed(seed, CROP_STREAM, rank, step, round_))
+    return rng.integers(0, [H - h + 1, W - w + 1], size=(count, 2), dtype=np.int64)
+
+
+class CropKey(NamedTuple):
+    """What the sampler hands a loader worker: an image of the data set and the window to cut from it."""
+
+    index: int
+    top: int
+    left: int
+    height: int
+    width: int
+
+
+class Crop(NamedTuple):
+    """One crop and where it lies in its image; collated, the same fields batched: data [B, ...] (uint8
+    pixels [B, C, h, w] or float16 latent mean and std [B, 2, C, h, w]), label, top and left int64 [B]."""
+
+    data: torch.Tensor
+    label: int | torch.Tensor
+    top: int | torch.Tensor
+    left: int | torch.Tensor
+
+
+def cut(data: torch.Tensor, top: int, left: int, size: tuple[int, int]) -> torch.Tensor:
+    """The window of size (h, w) at (top, left) of the last two dims of `data` (all channels; for a latent
+    item [2, C, H, W] the mean and the std alike). A view: collation copies only the crop."""
+    h, w = size
+    if tuple(data.shape[-2:]) == (h, w):
+        return data
+    return data[..., top : top + h, left : left + w]
+
+
+class CropDataset(torch.utils.data.Dataset):
+    """A data set read through `CropKey`s: item key -> Crop of the image key.index, cut where the key says.
+
+    It runs in the DataLoader workers (or in the main process with --workers 0: the same code), so the
+    full images never leave them."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: CropKey) -> Crop:
+        data, label = self.dataset[key.index]
+        return Crop(cut(data, key.top, key.left, (key.height, key.width)), label, key.top, key.left)
 
 
 @dataclass(frozen=True)
@@ -91,7 +161,8 @@ class StepPlan:
 
 
 class StreamSampler(torch.utils.data.Sampler):
-    """A batch sampler for DataLoader: yields this process's index list for each accumulation round.
+    """A batch sampler for DataLoader: yields this process's list of `CropKey`s for each accumulation
+    round (the images of the stream, each with its crop of the step's size), for a `CropDataset`.
 
     It starts at `step` and stream position `position` (both from the training state)."""
 
@@ -121,10 +192,13 @@ class StreamSampler(torch.utils.data.Sampler):
         return out
 
     def __iter__(self):
-        step, pos = self.step, self.position
+        schedule, step, pos = self.plan.schedule, self.step, self.position
         while True:
-            n = self.plan.schedule.images_per_round(self.batch_gpu, self.plan.size_index(step))
-            for _ in range(self.rounds):
-                yield self._indices(pos + self.rank * n, n)
+            index = self.plan.size_index(step)
+            n, (h, w) = schedule.images_per_round(self.batch_gpu, index), schedule.crop_shape(index)
+            for r in range(self.rounds):
+                images = self._indices(pos + self.rank * n, n)
+                offsets = crop_offsets(self.plan.seed, self.rank, step, r, n, schedule.image_size, (h, w))
+                yield [CropKey(i, t, l, h, w) for i, (t, l) in zip(images, offsets.tolist(), strict=True)]
                 pos += n * self.world
             step += 1
