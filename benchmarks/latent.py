@@ -29,6 +29,7 @@ from patchdiff.networks import count_parameters
 from patchdiff.patching import resolve_schedule
 from patchdiff.training.ema import update_ema
 from patchdiff.training.loop import train_step
+from patchdiff.training.stream import Crop, crop_offsets, cut
 
 # Stable Diffusion's VAE (the config of stabilityai/sd-vae-ft-ema), built here with random weights.
 SD_VAE = dict(
@@ -101,14 +102,19 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     def step(variant: str, index: int) -> None:
-        n = schedule.images_per_round(args.batch, index)
+        n, crop = schedule.images_per_round(args.batch, index), schedule.crop_shape(index)
         if variant == "cached":
             data = cached[:n]
         else:  # the published approach: encode this step's images, then the same step
             m, s = vae.encode(images[:n])
             data = torch.stack([m, s], dim=1).to(torch.float16).to(dev)
-        train_step(denoiser, denoiser, optimizer, scaler, [(data, labels[:n])], schedule.crop_shape(index), cfg,
-                   dev, 1)  # fmt: skip
+        # Mean and std cut at one place per latent, as the loader workers cut them in training.
+        offsets = crop_offsets(args.seed, 0, index, 0, n, (R, R), crop).tolist()
+        crops = torch.stack([cut(d, top, left, crop) for d, (top, left) in zip(data, offsets, strict=True)])
+        top, left = torch.tensor(offsets).unbind(1)
+        train_step(
+            denoiser, denoiser, optimizer, scaler, [Crop(crops, labels[:n], top, left)], crop, cfg, dev, 1
+        )
         update_ema(ema, denoiser, 0.999)
 
     # The crop sizes in turn (the default latent schedule draws R/2 and R with p = 0.5 each), the same

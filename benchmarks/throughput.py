@@ -6,8 +6,8 @@ of a step follows its pixels, a step costs 0.7x a full-image step at p = 0.5 whi
 images, so images/s (as the paper counts training length) rises by 1.9 / 0.7 = 2.71x.
 
 Both configurations run the library's real training step (`train_step` + the EMA update) on one shared
-backbone, optimiser and EMA (compute does not depend on the weights), with random uint8 images already
-on the device: this measures compute, not decoding. Timed blocks alternate full/patch in an ABBA order so
+backbone, optimiser and EMA (compute does not depend on the weights), with random uint8 crops already cut
+and on the device (training cuts them in the loader workers): this measures compute, not decoding. Timed blocks alternate full/patch in an ABBA order so
 that a drift in machine load (the machine may be shared) falls on both alike. The last line printed is
 `patch/full throughput ratio: X.XX`.
 
@@ -39,9 +39,10 @@ import torch
 
 from patchdiff.config import PatchConfig, TrainConfig, network_preset
 from patchdiff.generation import build_denoiser
-from patchdiff.patching import PatchSchedule, resolve_schedule
+from patchdiff.patching import PatchSchedule, crop_at, resolve_schedule
 from patchdiff.training.ema import ema_beta, update_ema
 from patchdiff.training.loop import train_step
+from patchdiff.training.stream import Crop, crop_offsets
 
 # A small DDPM++ that runs in a minute or two on 2 CPU cores, and the paper's 64x64 preset.
 CPU_DEFAULTS = dict(arch="ddpmpp", resolution=64, cbase=32, cres=(1, 2, 2, 2), blocks=1, attn=(16,), batch=8)
@@ -120,7 +121,7 @@ class Setup:
     ema: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    data: dict[int, tuple[torch.Tensor, torch.Tensor]]  # images per step -> (uint8 images, labels)
+    data: dict[tuple[int, tuple[int, int]], Crop]  # (images per step, crop) -> uint8 crops, labels, offsets
     batch: int
     images_seen: int = 0
 
@@ -129,7 +130,7 @@ class Setup:
         cfg, schedule = self.cfgs[name], self.schedules[name]
         n = schedule.images_per_round(self.batch, index)
         crop = schedule.crop_shape(index)
-        rounds_data = [self.data[n]]
+        rounds_data = [self.data[(n, crop)]]
         train_step(
             self.denoiser, self.denoiser, self.optimizer, self.scaler, rounds_data, crop, cfg, self.dev, 1
         )
@@ -206,10 +207,12 @@ def build_setup(args: argparse.Namespace, opts: dict) -> Setup:
     data = {}
     for name in CONFIGS:
         for i in range(len(schedules[name].sizes)):
-            n = schedules[name].images_per_round(opts["batch"], i)
-            if n not in data:
+            n, crop = schedules[name].images_per_round(opts["batch"], i), schedules[name].crop_shape(i)
+            if (n, crop) not in data:  # cut as the loader cuts them: at offsets of (seed, rank, step, round)
                 images = torch.randint(0, 256, (n, net.img_channels, R, R), dtype=torch.uint8, device=dev)
-                data[n] = (images, torch.zeros(n, dtype=torch.int64, device=dev))
+                top, left = torch.from_numpy(crop_offsets(args.seed, 0, i, 0, n, (R, R), crop)).unbind(1)
+                crops = crop_at(images, top.to(dev), left.to(dev), crop)[0]
+                data[(n, crop)] = Crop(crops, torch.zeros(n, dtype=torch.int64, device=dev), top, left)
     return Setup(dev, cfgs, schedules, denoiser, ema, optimizer, scaler, data, opts["batch"])
 
 
@@ -472,7 +475,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.profile_steps:
         rows = profile_sizes(setup, args.profile_steps)
         full_size, full_n, full_t = rows[-1]
-        # The loader delivers full-size images whatever the crop: a 16x16 step needs R/16 = 4x as many.
+        # The loader decodes full-size images whatever the crop (it collates only the crops, which costs
+        # less): a 16x16 step needs R/16 = 4x as many.
         pixels = setup.cfgs["full"].network.img_channels == 3
         loader = loader_rate(opts["resolution"], args.loader_workers, rows[0][1]) if pixels else math.nan
         print()
