@@ -48,6 +48,7 @@ CASES = [
     (["--workers", "-1"], "--workers -1: must be a finite number >= 0"),
     (["--checkpoint", "-2"], "--checkpoint -2.0"),
     (["--patch-probs", "0.5,0.5"], "--patch-probs 0.5,0.5 gives 2 probabilities for the 3 default sizes"),
+    (["--finish-full", "1.5"], "--finish-full 1.5 must lie in [0, 1)"),
     (["--noise-bands", "--patch-schedule", "full"], "--noise-bands needs --patch-schedule stochastic"),
     (["--resume", "{tmp}/nowhere"], "no training state at"),
 ]

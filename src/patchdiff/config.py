@@ -133,6 +133,7 @@ class PatchConfig:
     latent: bool = False  # use the latent-space default sizes
     coords: bool = True  # add the coordinate channels
     noise_bands: bool = False  # smaller crops train on lower noise levels (patching.noise_band)
+    finish_full: float = 0.0  # share of the training images, at the end, on whole images (stochastic)
 
 
 @dataclass(frozen=True)

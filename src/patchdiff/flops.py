@@ -55,7 +55,9 @@ def schedule_flops_per_image(schedule: PatchSchedule, flops_by_size: dict[int, f
     if schedule.kind == "progressive":
         return sum(p * fi for p, fi in zip(schedule.probs, f, strict=True))
     weights = [p * n for p, n in zip(schedule.probs, schedule.batch_mult, strict=True)]
-    return sum(wi * fi for wi, fi in zip(weights, f, strict=True)) / sum(weights)
+    stochastic = sum(wi * fi for wi, fi in zip(weights, f, strict=True)) / sum(weights)
+    # --finish-full: that share of the images is trained on whole images.
+    return (1.0 - schedule.finish_full) * stochastic + schedule.finish_full * f[-1]
 
 
 def training_flops(cfg: TrainConfig) -> dict:

@@ -109,6 +109,7 @@ class PatchSchedule:
     probs: tuple[float, ...]
     batch_mult: tuple[float, ...]
     coords: bool = True
+    finish_full: float = 0.0  # stochastic: the last share of the images is trained on whole images
 
     def crop_shape(self, index: int) -> tuple[int, int]:
         """The full-size entry covers the whole (possibly rectangular) image."""
@@ -184,6 +185,12 @@ def resolve_schedule(cfg: PatchConfig, image_size: tuple[int, int], min_crop: in
         raise ValueError(f"{len(sizes)} patch sizes {sizes} but {len(probs)} probabilities {probs}")
     if any(p < 0 for p in probs) or not math.isclose(sum(probs), 1.0, abs_tol=1e-6):
         raise ValueError(f"patch probabilities {probs} must be non-negative and sum to 1")
+    if not 0.0 <= cfg.finish_full < 1.0:
+        raise ValueError(f"--finish-full {cfg.finish_full} must lie in [0, 1)")
+    if cfg.finish_full and cfg.schedule != "stochastic":
+        raise ValueError(f"--finish-full needs --patch-schedule stochastic, not {cfg.schedule!r}")
+    if cfg.finish_full and cfg.noise_bands:
+        raise ValueError("--finish-full and --noise-bands do not combine; choose one")
     if cfg.noise_bands and cfg.schedule != "stochastic":
         raise ValueError(
             f"--noise-bands needs --patch-schedule stochastic (it ties noise levels to crop sizes drawn "
@@ -202,4 +209,4 @@ def resolve_schedule(cfg: PatchConfig, image_size: tuple[int, int], min_crop: in
     batch_mult = tuple(cfg.batch_mult) if cfg.batch_mult else tuple(R / s for s in sizes)
     if len(batch_mult) != len(sizes) or any(m <= 0 for m in batch_mult):
         raise ValueError(f"batch multipliers {batch_mult} must be positive, one per patch size {sizes}")
-    return PatchSchedule(cfg.schedule, (H, W), sizes, probs, batch_mult, cfg.coords)
+    return PatchSchedule(cfg.schedule, (H, W), sizes, probs, batch_mult, cfg.coords, cfg.finish_full)

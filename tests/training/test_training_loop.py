@@ -307,3 +307,20 @@ def test_noise_bands_reach_the_loss_per_crop_size(landscapes, tmp_path, monkeypa
     assert seen and all(len(bands) == 1 for bands in seen.values())
     for size, bands in seen.items():
         assert next(iter(bands)) == pytest.approx(expected[size])
+
+
+def test_finish_full_ends_training_on_whole_images(landscapes, tmp_path, monkeypatch):
+    sizes = []
+
+    def recording_loss(*args, **kwargs):
+        sizes.append(args[1].shape[-1])
+        return edm_loss(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "edm_loss", recording_loss)
+    cfg = tiny_config(str(landscapes), str(tmp_path), patch=PatchConfig(finish_full=0.5), duration_kimg=0.15)
+    run = loop.train(cfg, progress=False, grid=2)
+    last = [r for r in read_jsonl(run / "stats.jsonl") if r["kind"] == "tick"][-1]
+    assert last["kimg"] >= 0.15
+    # Half of the 150 images come last, on 16x16 (whole) images of 8 a step: at least 9 steps.
+    first_whole_tail = max(i for i, s in enumerate(sizes) if s != 16) + 1
+    assert len(sizes) - first_whole_tail >= 9 and {4, 8} & set(sizes[:first_whole_tail])

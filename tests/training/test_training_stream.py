@@ -44,6 +44,26 @@ def test_progressive_plan_phases_cover_their_share_of_images():
     assert plan.nimg(plan.total_steps) >= 10_000
 
 
+def test_finish_full_trains_the_last_share_of_images_on_whole_images():
+    schedule = resolve_schedule(PatchConfig(finish_full=0.3), (64, 64))
+    per_step = tuple(schedule.images_per_round(8, i) for i in range(len(schedule.sizes)))
+    plan = StepPlan(schedule, 0, per_step, 10_000)
+    b = plan.finish_step
+    assert b == -(-7_000 // plan.expected_images)  # 70% of the images under the stochastic schedule
+    assert {plan.size_index(s) for s in range(b)} == {0, 1, 2}
+    assert {plan.size_index(s) for s in range(b, plan.total_steps)} == {2}
+    assert plan.nimg(b + 5) == pytest.approx(b * plan.expected_images + 5 * 8)
+    assert plan.nimg(plan.total_steps) >= 10_000 > plan.nimg(plan.total_steps - 1)
+    # The first part draws exactly the sizes the plain stochastic plan draws.
+    plain = plan_for("stochastic")
+    assert [plan.size_index(s) for s in range(b)] == [plain.size_index(s) for s in range(b)]
+    assert plain.finish_step is None
+    with pytest.raises(ValueError, match="--finish-full needs --patch-schedule stochastic"):
+        resolve_schedule(PatchConfig(schedule="progressive", finish_full=0.3), (64, 64))
+    with pytest.raises(ValueError, match=r"--finish-full 1.0 must lie in \[0, 1\)"):
+        resolve_schedule(PatchConfig(finish_full=1.0), (64, 64))
+
+
 def test_full_plan():
     plan = plan_for("full")
     assert plan.images_per_step == (8,) and plan.total_steps == 1250 and plan.size_index(3) == 0

@@ -91,6 +91,14 @@ def add_parser(subparsers) -> None:
     g.add_argument("--latent", action="store_true", help="latent-space default sizes R/2,R")
     g.add_argument("--no-coords", action="store_true", help="leave out the coordinate channels")
     g.add_argument(
+        "--finish-full",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="train the last SHARE of the images (e.g. 0.3) on whole images (stochastic schedule; see "
+        "docs/evidence.md)",
+    )
+    g.add_argument(
         "--noise-bands",
         action="store_true",
         help="smaller crops train on lower noise levels, whole images on the highest (stochastic "
@@ -215,6 +223,7 @@ FIELD_OF_FLAG = {
     "latent": "patch.latent",
     "no_coords": "patch.coords",
     "noise_bands": "patch.noise_bands",
+    "finish_full": "patch.finish_full",
     "duration": "duration_kimg",
     "lr_rampup": "lr_rampup_kimg",
     "ema": "ema_halflife_kimg",
@@ -282,6 +291,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         latent=args.latent,
         coords=not args.no_coords,
         noise_bands=args.noise_bands,
+        finish_full=args.finish_full,
     )
     return TrainConfig(
         data=args.data,

@@ -128,6 +128,7 @@ def train(
             print(
                 f"crop sizes {schedule.sizes} p={tuple(round(p, 3) for p in schedule.probs)}, images/step "
                 f"{plan.images_per_step}, expected {plan.expected_images:.1f}, {plan.total_steps} steps"
+                + (f", whole images from step {plan.finish_step}" if plan.finish_step is not None else "")
             )
         return None
     with StopRequests() as stop:

@@ -139,18 +139,36 @@ class StepPlan:
         return float(self.images_per_step[-1])
 
     @property
+    def finish_step(self) -> int | None:
+        """--finish-full: the first step of the whole-image finish, which trains on the last share
+        `finish_full` of the images (None without one). It follows the duration, as the total does."""
+        if self.schedule.kind != "stochastic" or self.schedule.finish_full <= 0:
+            return None
+        return math.ceil((1.0 - self.schedule.finish_full) * self.duration_nimg / self.expected_images)
+
+    @property
     def total_steps(self) -> int:
         if self.schedule.kind == "progressive":
             return self.phase_bounds[-1]
+        finish = self.finish_step
+        if finish is not None:
+            rest = self.duration_nimg - finish * self.expected_images
+            return max(1, finish + max(math.ceil(rest / self.images_per_step[-1]), 0))
         return max(1, math.ceil(self.duration_nimg / self.expected_images))
 
     def size_index(self, step: int) -> int:
         if self.schedule.kind == "progressive":
             return min(bisect.bisect_right(self.phase_bounds, step), len(self.images_per_step) - 1)
+        finish = self.finish_step
+        if finish is not None and step >= finish:
+            return len(self.images_per_step) - 1
         return self.schedule.size_index(self.seed, step, 0.0)
 
     def nimg(self, step: int) -> float:
         """Images seen (paper count) after `step` steps."""
+        finish = self.finish_step
+        if finish is not None:
+            return min(step, finish) * self.expected_images + max(step - finish, 0) * self.images_per_step[-1]
         if self.schedule.kind != "progressive":
             return step * self.expected_images
         total, start = 0.0, 0
