@@ -107,10 +107,15 @@ def plot_grids(results: dict[str, dict], path: Path, dpi: int = 100) -> Path:
     return path
 
 
+def _sigma_scored(results: dict[str, dict]) -> dict[str, dict]:
+    """The configurations scored by held-out loss by noise level (compare/sigma_loss.py)."""
+    return {name: r["sigma_loss"] for name, r in results.items() if "sigma_loss" in r}
+
+
 def sigma_loss_table(results: dict[str, dict]) -> str:
     """Held-out loss at each noise level (rows) for each configuration (columns), and its ratio to the
     first configuration's: below 1 means a better denoiser at that noise level."""
-    scored = {name: r["sigma_loss"] for name, r in results.items() if "sigma_loss" in r}
+    scored = _sigma_scored(results)
     if not scored:
         return ""
     names = list(scored)
@@ -131,7 +136,7 @@ def sigma_loss_table(results: dict[str, dict]) -> str:
 
 def plot_sigma_loss(results: dict[str, dict], path: Path, dpi: int = 100) -> Path:
     """Held-out loss against sigma, as a ratio to the first configuration's (log sigma axis)."""
-    scored = {name: r["sigma_loss"] for name, r in results.items() if "sigma_loss" in r}
+    scored = _sigma_scored(results)
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.add_subplot()
     first = next(iter(scored.values()))
