@@ -1,0 +1,79 @@
+"""FID against training compute across several `patchdiff compare` studies, one line per schedule.
+
+A study scores its runs at a few points of one budget; the budget study of docs/evidence.md needs
+runs of several studies on one axis (e.g. a 3x run scored at 1x, 2x, 3x and a separate 10x run). Each
+`--series LABEL=DIR[,DIR...]` names configuration folders (`OUT/runs/NAME`, holding `result.json`);
+every FID the runs logged is placed at its counted FLOPs (kimg x FLOPs per image), and the points of
+a series are joined in order of compute.
+
+    python benchmarks/evidence_figure.py --out budget.png --budget 1.4494e13 \\
+        --series "whole images=out-study-long/runs/full,out-study-10x/runs/full" \\
+        --series "patch=out-study-long/runs/patch,out-study-10x/runs/patch"
+
+Prints every point it plots (label, run folder, kimg, budget multiple, FID, KID).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from patchdiff.report.plots import atomic_write_bytes, png_bytes
+from patchdiff.report.series import metric_series, read_stats
+
+
+def points(config_dir: Path) -> list[tuple[float, float, float, float]]:
+    """(kimg, FLOPs, FID, KID) of every scored snapshot of one configuration's run."""
+    result_path = config_dir / "result.json"
+    if not result_path.is_file():
+        raise SystemExit(f"{result_path}: not found; is {config_dir} a finished configuration of a study?")
+    result = json.loads(result_path.read_text(encoding="utf-8"))
+    stats = read_stats(result["run_dir"])
+    fid, kid = metric_series(stats, "fid"), metric_series(stats, "kid")
+    kids = dict(zip(kid.kimg.tolist(), kid.value.tolist(), strict=True))
+    return [
+        (k, k * 1000 * result["flops_per_image"], f, kids.get(k, math.nan))
+        for k, f in zip(fid.kimg.tolist(), fid.value.tolist(), strict=True)
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--series", action="append", required=True, metavar="LABEL=DIR[,DIR...]")
+    parser.add_argument("--budget", type=float, required=True, help="FLOPs of 1x, the x axis unit")
+    parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    parser.add_argument("--title", default="FID against training compute")
+    args = parser.parse_args(argv)
+
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.add_subplot()
+    for i, spec in enumerate(args.series):
+        label, sep, dirs = spec.partition("=")
+        if not sep or not dirs:
+            raise SystemExit(f"--series {spec!r}: expected LABEL=DIR[,DIR...]")
+        found = []
+        for d in dirs.split(","):
+            for kimg, flops, fid, kid in points(Path(d)):
+                print(
+                    f"{label:>14s}  {d:<40s} kimg {kimg:8.2f}  {flops / args.budget:5.2f}x  FID {fid:7.2f}  KID {kid:.4f}"
+                )
+                found.append((flops / args.budget, fid))
+        found.sort()
+        ax.plot([x for x, _ in found], [y for _, y in found], "o-", ms=4, color=f"C{i}", label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set(xlabel="training compute [x budget]", ylabel="FID (1,000 samples)", title=args.title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    atomic_write_bytes(args.out, png_bytes(fig, 100))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
