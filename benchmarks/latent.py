@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     C = vae.latent_channels
     cfg = TrainConfig(
         network=net,
-        patch=PatchConfig(latent=True),
+        patch=PatchConfig(schedule="stochastic", latent=True),
         image_size=(R, R),
         latent=LatentConfig(vae="benchmark", shift=(0.0,) * C, scale=(vae.scaling_factor,) * C),
     )

@@ -65,7 +65,7 @@ def tiny_config(data: str, outdir: str, **overrides) -> TrainConfig:
         data=data,
         outdir=outdir,
         network=net,
-        patch=PatchConfig(),
+        patch=PatchConfig(schedule="stochastic"),
         duration_kimg=0.2,
         batch=8,
         lr=2e-3,

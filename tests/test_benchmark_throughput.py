@@ -65,7 +65,7 @@ def test_ideal_ratio_is_the_papers_2_71():
     from patchdiff.config import PatchConfig
     from patchdiff.patching import resolve_schedule
 
-    schedule = resolve_schedule(PatchConfig(), (64, 64), 8)
+    schedule = resolve_schedule(PatchConfig(schedule="stochastic"), (64, 64), 8)
     images, pixels, ratio = script.ideal_ratio(schedule, 8)
     assert images == pytest.approx(1.9)
     assert pixels == pytest.approx(0.7)

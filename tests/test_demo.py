@@ -16,7 +16,9 @@ def test_landscapes_have_sky_above_ground():
 
 def test_demo_config_is_the_paper_schedule_on_a_tiny_network():
     cfg = demo_config("d", "o", kimg=60)
-    assert cfg.patch.schedule == "stochastic" and cfg.patch.real_p == 0.5 and cfg.network.model_channels == 32
+    assert (
+        cfg.patch.schedule == "progressive" and cfg.patch.real_p == 0.5 and cfg.network.model_channels == 32
+    )
 
 
 def test_demo_command_end_to_end(tmp_path, capsys):

@@ -76,20 +76,20 @@ def test_crop_coords_are_the_full_grid_at_the_offsets(H, W, h, w):
 
 
 def test_default_stochastic_schedule_sizes_and_multipliers():
-    s = resolve_schedule(PatchConfig(), (64, 64), min_crop=8)
+    s = resolve_schedule(PatchConfig(schedule="stochastic"), (64, 64), min_crop=8)
     assert s.sizes == (16, 32, 64)
     assert s.probs == pytest.approx((0.2, 0.3, 0.5))
     assert s.batch_mult == (4.0, 2.0, 1.0)
     assert s.expected_images_per_round(8) == pytest.approx(8 * (0.2 * 4 + 0.3 * 2 + 0.5))
     # R=32 works too (the published lookup table fails there): sizes 8, 16, 32.
-    s32 = resolve_schedule(PatchConfig(), (32, 32), min_crop=4)
+    s32 = resolve_schedule(PatchConfig(schedule="stochastic"), (32, 32), min_crop=4)
     assert s32.sizes == (8, 16, 32) and s32.batch_mult == (4.0, 2.0, 1.0)
-    latent = resolve_schedule(PatchConfig(latent=True, real_p=0.3), (32, 32))
+    latent = resolve_schedule(PatchConfig(schedule="stochastic", latent=True, real_p=0.3), (32, 32))
     assert latent.sizes == (16, 32) and latent.probs == pytest.approx((0.7, 0.3))
 
 
 def test_schedule_frequencies_match_probabilities():
-    s = resolve_schedule(PatchConfig(real_p=0.5), (64, 64))
+    s = resolve_schedule(PatchConfig(schedule="stochastic", real_p=0.5), (64, 64))
     n = 20000
     counts = [0, 0, 0]
     for step in range(n):
@@ -101,7 +101,7 @@ def test_schedule_frequencies_match_probabilities():
 def test_sizes_depend_on_the_seed_and_step():
     # That two processes draw the same size at every step is checked with two real processes in
     # tests/training/test_training_distributed.py (both ranks log their per-step crop sizes).
-    s = resolve_schedule(PatchConfig(), (64, 64))
+    s = resolve_schedule(PatchConfig(schedule="stochastic"), (64, 64))
     seed7 = [s.size_index(seed=7, step=i, progress=0) for i in range(500)]
     seed8 = [s.size_index(seed=8, step=i, progress=0) for i in range(500)]
     assert seed7 != seed8 and len(set(seed7)) == 3
@@ -140,7 +140,7 @@ def test_override_multipliers_and_bad_configs():
 
 
 def test_noise_bands_tile_the_quantiles_from_small_to_full_crops():
-    s = resolve_schedule(PatchConfig(noise_bands=True), (32, 32))
+    s = resolve_schedule(PatchConfig(schedule="stochastic", noise_bands=True), (32, 32))
     bands = [s.noise_band(i) for i in range(len(s.sizes))]
     assert s.sizes == (8, 16, 32)
     assert bands[0][0] == 0.0 and math.isclose(bands[-1][1], 1.0)

@@ -58,7 +58,7 @@ def demo_config(data: str, outdir: str, kimg: float, resolution: int = 32) -> Tr
         data=data,
         outdir=outdir,
         network=net,
-        patch=PatchConfig(schedule="stochastic", real_p=0.5),
+        patch=PatchConfig(schedule="progressive", real_p=0.5),
         duration_kimg=kimg,
         batch=32,
         lr=2e-3,
@@ -73,7 +73,7 @@ def demo_config(data: str, outdir: str, kimg: float, resolution: int = 32) -> Tr
 
 
 def run_demo(
-    outdir: str | Path, kimg: float = 60.0, num_images: int = 2000, progress: bool = True, samples: int = 64
+    outdir: str | Path, kimg: float = 40.0, num_images: int = 2000, progress: bool = True, samples: int = 64
 ) -> dict:
     """Make the data, train, and write an enlarged sample grid, a data preview and the loss plot.
 

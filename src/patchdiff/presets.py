@@ -32,6 +32,7 @@ _LATENT_ADM = dict(
     ema=50_000.0,  # kimg (the README's --ema=50 Mimg)
     precision="bf16",
     batch_gpu=32,
+    patch_schedule="stochastic",  # the paper's schedule for its latent runs, not our pixel default
     real_p=0.5,
 )
 

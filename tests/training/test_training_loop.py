@@ -298,7 +298,7 @@ def test_noise_bands_reach_the_loss_per_crop_size(landscapes, tmp_path, monkeypa
         return edm_loss(*args, band=band, **kwargs)
 
     monkeypatch.setattr(loop, "edm_loss", recording_loss)
-    patch = PatchConfig(noise_bands=True)
+    patch = PatchConfig(schedule="stochastic", noise_bands=True)
     cfg = tiny_config(str(landscapes), str(tmp_path), patch=patch, duration_kimg=0.15)
     run = loop.train(cfg, progress=False, grid=2)
     assert json.loads((run / "config.json").read_text())["patch"]["noise_bands"] is True
@@ -317,7 +317,12 @@ def test_finish_full_ends_training_on_whole_images(landscapes, tmp_path, monkeyp
         return edm_loss(*args, **kwargs)
 
     monkeypatch.setattr(loop, "edm_loss", recording_loss)
-    cfg = tiny_config(str(landscapes), str(tmp_path), patch=PatchConfig(finish_full=0.5), duration_kimg=0.15)
+    cfg = tiny_config(
+        str(landscapes),
+        str(tmp_path),
+        patch=PatchConfig(schedule="stochastic", finish_full=0.5),
+        duration_kimg=0.15,
+    )
     run = loop.train(cfg, progress=False, grid=2)
     last = [r for r in read_jsonl(run / "stats.jsonl") if r["kind"] == "tick"][-1]
     assert last["kimg"] >= 0.15

@@ -45,7 +45,7 @@ def test_progressive_plan_phases_cover_their_share_of_images():
 
 
 def test_finish_full_trains_the_last_share_of_images_on_whole_images():
-    schedule = resolve_schedule(PatchConfig(finish_full=0.3), (64, 64))
+    schedule = resolve_schedule(PatchConfig(schedule="stochastic", finish_full=0.3), (64, 64))
     per_step = tuple(schedule.images_per_round(8, i) for i in range(len(schedule.sizes)))
     plan = StepPlan(schedule, 0, per_step, 10_000)
     b = plan.finish_step
@@ -61,7 +61,7 @@ def test_finish_full_trains_the_last_share_of_images_on_whole_images():
     with pytest.raises(ValueError, match="--finish-full needs --patch-schedule stochastic"):
         resolve_schedule(PatchConfig(schedule="progressive", finish_full=0.3), (64, 64))
     with pytest.raises(ValueError, match=r"--finish-full 1.0 must lie in \[0, 1\)"):
-        resolve_schedule(PatchConfig(finish_full=1.0), (64, 64))
+        resolve_schedule(PatchConfig(schedule="stochastic", finish_full=1.0), (64, 64))
 
 
 def test_full_plan():

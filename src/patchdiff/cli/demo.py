@@ -13,7 +13,7 @@ def add_parser(subparsers) -> None:
         "with the Patch Diffusion schedule, writes samples.png and loss.png.",
     )
     p.add_argument("--outdir", default="demo-run", help="where everything is written")
-    p.add_argument("--kimg", type=float, default=60.0, help="training length in thousands of images")
+    p.add_argument("--kimg", type=float, default=40.0, help="training length in thousands of images")
     p.add_argument("--images", type=int, default=2000, help="size of the toy data set")
     p.add_argument("--samples", type=int, default=64, help="images in the sample grid")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -79,8 +79,9 @@ def add_parser(subparsers) -> None:
     g.add_argument(
         "--patch-schedule",
         choices=["stochastic", "progressive", "full"],
-        default="stochastic",
-        help="crop sizes drawn at random, grown with training, or whole images (the EDM baseline)",
+        default="progressive",
+        help="crop sizes drawn at random (the paper's default), grown with training (default: best in "
+        "docs/evidence.md), or whole images (the EDM baseline)",
     )
     g.add_argument("--real-p", type=float, default=0.5, help="probability (share) of full-size images")
     g.add_argument("--patch-sizes", type=int_list, default=(), help="crop sizes, default R/4,R/2,R")
