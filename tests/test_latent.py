@@ -108,8 +108,12 @@ def test_presets_are_defaults_that_flags_override():
     args = parser.parse_args([*base, "--preset", "imagenet256-latent", "--lr", "2e-4"])
     assert (args.arch, args.batch, args.lr, args.cond, args.label_dropout) == ("adm", 4096, 2e-4, True, 0.1)
     assert (args.ema, args.precision, args.dropout) == (50_000.0, "bf16", 0.1)
+    # The paper's latent recipe is stochastic, whatever the pixel-space default schedule is.
+    assert (args.patch_schedule, parser.parse_args(base).patch_schedule) == ("stochastic", "progressive")
     args = parser.parse_args([*base, "--batch", "64", "--preset", "lsun256-latent"])
-    assert (args.batch, args.cond, args.arch) == (64, False, "adm")
+    assert (args.batch, args.cond, args.arch, args.patch_schedule) == (64, False, "adm", "stochastic")
+    args = parser.parse_args([*base, "--preset", "lsun256-latent", "--patch-schedule", "full"])
+    assert args.patch_schedule == "full"
     args = parser.parse_args(["generate", "--model", "m", "--outdir", "o", "--preset", "adm-latent"])
     assert (args.steps, args.S_churn, args.S_min, args.S_max, args.S_noise, args.cfg) == (
         256,
