@@ -32,7 +32,9 @@ def points(config_dir: Path) -> list[tuple[float, float, float, float]]:
     if not result_path.is_file():
         raise SystemExit(f"{result_path}: not found; is {config_dir} a finished configuration of a study?")
     result = json.loads(result_path.read_text(encoding="utf-8"))
-    stats = read_stats(result["run_dir"])
+    # The run folder lies inside the configuration folder; its recorded path is relative to where the
+    # study ran, so take only its name.
+    stats = read_stats(config_dir / Path(result["run_dir"]).name)
     fid, kid = metric_series(stats, "fid"), metric_series(stats, "kid")
     kids = dict(zip(kid.kimg.tolist(), kid.value.tolist(), strict=True))
     return [

@@ -53,9 +53,8 @@ def test_schedule_expectations():
     assert schedule_flops_per_image(progressive, f) == pytest.approx(0.2 * 1 + 0.3 * 4 + 0.5 * 16)
     full = resolve_schedule(PatchConfig(schedule="full"), (16, 16))
     assert schedule_flops_per_image(full, f) == 16.0
-    finish = resolve_schedule(
-        PatchConfig(schedule="stochastic", finish_full=0.25), (16, 16)
-    )  # the last quarter of images whole
+    # --finish-full 0.25: the last quarter of the images whole.
+    finish = resolve_schedule(PatchConfig(schedule="stochastic", finish_full=0.25), (16, 16))
     expected = 0.75 * schedule_flops_per_image(stochastic, f) + 0.25 * 16.0
     assert schedule_flops_per_image(finish, f) == pytest.approx(expected)
 

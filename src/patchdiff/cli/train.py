@@ -79,11 +79,13 @@ def add_parser(subparsers) -> None:
     g.add_argument(
         "--patch-schedule",
         choices=["stochastic", "progressive", "full"],
-        default="progressive",
-        help="crop sizes drawn at random (the paper's default), grown with training (default: best in "
-        "docs/evidence.md), or whole images (the EDM baseline)",
+        default=PatchConfig.schedule,
+        help="crop sizes drawn at random (the paper's default), grown with training (our default: best "
+        "in docs/evidence.md), or whole images (the EDM baseline)",
     )
-    g.add_argument("--real-p", type=float, default=0.5, help="probability (share) of full-size images")
+    g.add_argument(
+        "--real-p", type=float, default=PatchConfig.real_p, help="probability (share) of full-size images"
+    )
     g.add_argument("--patch-sizes", type=int_list, default=(), help="crop sizes, default R/4,R/2,R")
     g.add_argument("--patch-probs", type=float_list, default=(), help="their probabilities (sum to 1)")
     g.add_argument(
