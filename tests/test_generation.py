@@ -75,3 +75,26 @@ def test_class_conditional_generation_with_guidance(tmp_path, landscapes):
     assert guided.shape == plain.shape == (2, 3, 16, 16)
     with pytest.raises(ValueError, match="out of range"):
         generate(model, [0], class_label=3)
+
+
+def test_a_vp_model_is_sampled_within_its_noise_levels(monkeypatch):
+    """EDM's sigma_max = 80 is beyond a scaled_linear DDPM's 14.6: the sampler gets the model's range."""
+    from patchdiff import generation
+    from patchdiff.config import NetworkConfig, TrainConfig
+    from patchdiff.precond_vp import VPDenoiser, vp_alphas_cumprod
+
+    class Zero(torch.nn.Module):
+        def forward(self, x, t, labels=None):
+            return torch.zeros_like(x)
+
+    D = VPDenoiser(Zero(), "epsilon", vp_alphas_cumprod("scaled_linear", 0.00085, 0.012), use_coords=False)
+    cfg = TrainConfig(network=NetworkConfig(resolution=4, img_channels=1), image_size=(4, 4))
+    seen = {}
+
+    def sampler(denoiser, noise, **kwargs):
+        seen.update(kwargs)
+        return noise
+
+    monkeypatch.setitem(generation.SAMPLERS, "euler", sampler)
+    generate(generation.Model(D, cfg, torch.device("cpu")), [0], sampler="euler", num_steps=2)
+    assert (seen["sigma_min"], seen["sigma_max"]) == (D.sigma_min, D.sigma_max)

@@ -7,6 +7,7 @@ import torch
 
 from patchdiff.patching import coordinate_grid
 from patchdiff.precond_vp import VPDenoiser, sigma_to_timestep, vp_alphas_cumprod, vp_scalings, vp_sigmas
+from patchdiff.sampling import edm_sampler
 
 
 def test_linear_schedule_closed_form():
@@ -84,3 +85,54 @@ def oracle_module(fn):
             return fn(*args)
 
     return Oracle()
+
+
+def test_sigma_range_is_clamped_to_the_trained_noise_levels():
+    D = VPDenoiser(
+        oracle_module(lambda *a: a[0]), "epsilon", vp_alphas_cumprod("scaled_linear", 0.00085, 0.012)
+    )
+    lo, hi = D.sigma_range(0.002, 80.0)  # EDM's defaults reach far beyond a scaled_linear model's 0.029..14.6
+    assert (lo, hi) == (D.sigma_min, D.sigma_max)
+    assert math.isclose(lo, math.sqrt(0.00085 / (1 - 0.00085)), rel_tol=1e-3) and 14.5 < hi < 14.7
+    assert D.sigma_range(0.1, 5.0) == (0.1, 5.0)  # inside the range: unchanged
+    with pytest.raises(ValueError, match=r"sigma range 20\.\.80 lies outside the model's noise levels"):
+        D.sigma_range(20.0, 80.0)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_an_off_grid_sigma_uses_the_sigma_of_its_timestep(prediction):
+    """The network answers for its timestep's sigma_t, so c_skip and c_out must use sigma_t too: an exact
+    network at x = y + sigma_t n gives back y when asked at a sigma between two timesteps."""
+    g = torch.Generator().manual_seed(0)
+    y, n = torch.randn(2, 1, 4, 4, generator=g), torch.randn(2, 1, 4, 4, generator=g)
+    abar = vp_alphas_cumprod("linear", 1e-3, 0.2, 100)  # a coarse grid: neighbours ~5% apart in sigma
+    D = VPDenoiser(oracle_module(lambda *a: None), prediction, abar, use_coords=False)
+    grid = D.log_sigmas.exp().to(torch.float32)[torch.tensor([20, 60])]
+    asked = grid * 1.01  # nearer to the same timesteps than to their neighbours
+    s = grid.reshape(-1, 1, 1, 1)
+    exact = n if prediction == "epsilon" else (n - s * y) / (1 + s**2).sqrt()
+    D.net = oracle_module(lambda net_in, t, labels: exact)
+    assert torch.allclose(D(y + s * n, asked), y, atol=1e-5)
+    assert torch.equal(D.round_sigma(asked), grid)
+
+
+@pytest.mark.parametrize("schedule", [("scaled_linear", 0.00085, 0.012, 1000), ("linear", 1e-3, 0.2, 100)])
+def test_gaussian_data_sampled_within_the_models_range(schedule):
+    """The exact epsilon of N(0, s^2) data, known only at the discrete timesteps: Heun-18 within the model's
+    sigma range gives the data's std more closely than on EDM's 0.002..80 (numbers in docs/sampling.md)."""
+    s = 0.5
+    abar = vp_alphas_cumprod(*schedule)
+
+    def exact_eps(x_vp, t, labels):  # E[n | x_vp] at timestep t, x_vp = sqrt(abar) y + sqrt(1 - abar) n
+        a = abar.to(torch.float64)[t.long()].reshape(-1, 1, 1, 1)
+        return ((1 - a).sqrt() * x_vp / (a * s**2 + 1 - a)).to(torch.float32)
+
+    D = VPDenoiser(oracle_module(exact_eps), "epsilon", abar, use_coords=False)
+    noise = torch.randn(4, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    noise = noise / noise.std()
+
+    def std_error(sigma_min, sigma_max):
+        x = edm_sampler(D, noise, num_steps=18, sigma_min=sigma_min, sigma_max=sigma_max)
+        return abs(float(x.std()) / s - 1)
+
+    assert std_error(*D.sigma_range(0.002, 80.0)) < 0.016 < 0.04 < std_error(0.002, 80.0)

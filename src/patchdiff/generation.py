@@ -192,6 +192,8 @@ def iter_images(
     sampler/num_steps None: the defaults (patchdiff.sampling.DEFAULT_SAMPLER and its DEFAULT_STEPS)."""
     sampler, num_steps = resolve_sampler(sampler, num_steps)
     check_sampling_args(model, seeds, batch_size, num_steps, class_label, cfg_scale)
+    if isinstance(model.denoiser, VPDenoiser):  # a pretrained DDPM knows only its own noise levels
+        sigma_min, sigma_max = model.denoiser.sigma_range(sigma_min, sigma_max)
     H, W = model.image_size
     C = model.img_channels
     seeds = list(seeds)

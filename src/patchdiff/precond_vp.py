@@ -13,7 +13,9 @@ With s = sqrt(1 + sigma^2):
         y = sqrt(abar) x_vp - sqrt(1 - abar) v = x / s^2 - (sigma / s) F,  so  D = x / s^2 - (sigma / s) F.
 Both are D = c_skip x + c_out F(c_in x; t(sigma)); the network's timestep t(sigma) is the discrete step
 whose sigma_t is nearest to sigma in log sigma (EDM rounds in sigma; the log treats both ends of the
-range alike). Coordinate channels are concatenated to c_in x as in precond.Denoiser.
+range alike), and c_skip, c_out, c_in use that sigma_t, the noise level the network's answer assumes
+(EDM's round_sigma). The network knows only sigma_0 .. sigma_{T-1}, so samplers run within that range
+(sigma_range). Coordinate channels are concatenated to c_in x as in precond.Denoiser.
 """
 
 from __future__ import annotations
@@ -114,12 +116,31 @@ class VPDenoiser(nn.Module):
     def sigma_max(self) -> float:
         return float(self.log_sigmas[-1].exp())
 
+    def sigma_range(self, sigma_min: float, sigma_max: float) -> tuple[float, float]:
+        """A sampler's (sigma_min, sigma_max) clamped to the noise levels the network was trained on:
+        beyond them it sees the end timestep, so D would scale its output by a sigma it never assumed
+        (sampling a scaled_linear model, sigma_max ~ 14.6, from sigma = 80)."""
+        lo, hi = max(sigma_min, self.sigma_min), min(sigma_max, self.sigma_max)
+        if lo >= hi:
+            raise ValueError(
+                f"sigma range {sigma_min:g}..{sigma_max:g} lies outside the model's noise levels "
+                f"{self.sigma_min:.4g}..{self.sigma_max:.4g}; choose a range that overlaps them"
+            )
+        return lo, hi
+
+    def round_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The noise level of the trained timestep nearest to sigma (EDM's round_sigma)."""
+        t = sigma_to_timestep(sigma, self.log_sigmas).long()
+        return self.log_sigmas[t].exp().to(sigma.dtype)
+
     def forward(self, x: torch.Tensor, sigma, coords=None, class_labels=None) -> torch.Tensor:
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
         sigma = sigma.expand(x.shape[0]) if sigma.numel() == 1 else sigma
-        c_skip, c_out, c_in = vp_scalings(sigma.reshape(-1, 1, 1, 1), self.prediction)
+        # The network only knows its timesteps: c_skip, c_out and c_in use the sigma of the one it is given.
         t = sigma_to_timestep(sigma, self.log_sigmas)
+        sigma = self.log_sigmas[t.long()].exp().to(torch.float32)
+        c_skip, c_out, c_in = vp_scalings(sigma.reshape(-1, 1, 1, 1), self.prediction)
         net_in, labels = network_inputs(c_in * x, coords, class_labels, self.use_coords, self.label_dim)
         F_x = self.net(net_in, t, labels)
         return c_skip * x + c_out * F_x.to(torch.float32)
