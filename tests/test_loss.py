@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from patchdiff.config import LossConfig
-from patchdiff.loss import edm_loss, loss_weight, sample_sigma, sample_sigma_band
+from patchdiff.loss import edm_loss, loss_weight, sample_sigma, sample_sigma_band, unwrapped
 
 
 def test_sigma_distribution_is_lognormal():
@@ -101,3 +101,44 @@ def test_edm_loss_uses_the_band():
     edm_loss(record, torch.randn(512, 1, 4, 4), band=(0.0, 0.2), generator=torch.Generator().manual_seed(1))
     ceiling = torch.distributions.Normal(-1.2, 1.2).icdf(torch.tensor(0.2)).exp()
     assert seen[0].max() <= ceiling * (1 + 1e-5) and seen[0].min() > 0
+
+
+def vp_denoiser(prediction: str, net):
+    from patchdiff.precond_vp import VPDenoiser, vp_alphas_cumprod
+
+    class Net(torch.nn.Module):
+        def forward(self, x, t, labels=None):
+            return net(x, t)
+
+    return VPDenoiser(Net(), prediction, vp_alphas_cumprod(), use_coords=False)
+
+
+def test_epsilon_fine_tuning_is_the_plain_epsilon_mse():
+    """An epsilon network that answers 0 leaves D = x: the loss must be mean(n^2) for unit noise n, not
+    EDM's lambda * sigma^2 n^2 = (1 + 4 sigma^2) n^2."""
+    y = torch.zeros(8, 1, 4, 4)
+    D = vp_denoiser("epsilon", lambda x, t: torch.zeros_like(x))
+    loss = edm_loss(D, y, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    sample_sigma(8, LossConfig().P_mean, LossConfig().P_std, generator=gen)  # the loss's draws, in order
+    n = torch.randn(y.shape, generator=gen)
+    assert loss.item() == pytest.approx((n**2).mean().item(), rel=1e-5)
+    # Training may wrap it (--compile; DDP): the loss looks through the wrappers for its weight.
+    assert unwrapped(torch.compile(D)) is D and unwrapped(D) is D
+
+
+def test_vp_training_noise_is_at_the_networks_timesteps_and_v_keeps_edms_weight():
+    seen = []
+    D = vp_denoiser("v_prediction", lambda x, t: seen.append(x) or torch.zeros_like(x))
+    sigma = torch.tensor([0.05, 0.5, 5.0])
+    assert torch.equal(D.loss_weight(sigma, 0.5), loss_weight(sigma, 0.5))
+    y = torch.zeros(64, 1, 2, 2)
+    edm_loss(D, y, generator=torch.Generator().manual_seed(0))
+    # The drawn sigmas are moved onto the timesteps' sigma_t before the noise is added, so the network
+    # sees x = y + sigma_t n, the input it assumes, not y + sigma n with sigma between two timesteps.
+    gen = torch.Generator().manual_seed(0)
+    drawn = sample_sigma(64, LossConfig().P_mean, LossConfig().P_std, generator=gen)
+    n = torch.randn(y.shape, generator=gen)
+    sigma_t = D.round_sigma(drawn).reshape(-1, 1, 1, 1)
+    assert not torch.equal(sigma_t.reshape(-1), drawn)
+    assert torch.allclose(seen[0], sigma_t * n / (1 + sigma_t**2).sqrt(), rtol=1e-5, atol=1e-6)

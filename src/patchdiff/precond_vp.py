@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from patchdiff.config import NetworkConfig
+from patchdiff.loss import loss_weight as edm_loss_weight
 from patchdiff.precond import network_inputs
 
 PREDICTIONS = ("epsilon", "v_prediction")
@@ -132,6 +133,15 @@ class VPDenoiser(nn.Module):
         """The noise level of the trained timestep nearest to sigma (EDM's round_sigma)."""
         t = sigma_to_timestep(sigma, self.log_sigmas).long()
         return self.log_sigmas[t].exp().to(sigma.dtype)
+
+    def loss_weight(self, sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
+        """lambda(sigma) of the fine-tuning loss (loss.edm_loss). Epsilon-prediction: 1 / sigma^2 = 1 / c_out^2,
+        so lambda ||D - y||^2 = ||F - n||^2, the plain epsilon MSE of DDPM (EDM's VP column); EDM's lambda
+        would weight it by 1 + sigma^2 / sigma_data^2. v-prediction keeps EDM's lambda, 1 to 1 / sigma_data^2 times
+        the plain v MSE's weight 1 / c_out^2 = 1 + 1 / sigma^2."""
+        if self.prediction == "epsilon":
+            return sigma.to(torch.float32) ** -2
+        return edm_loss_weight(sigma, sigma_data)
 
     def forward(self, x: torch.Tensor, sigma, coords=None, class_labels=None) -> torch.Tensor:
         x = x.to(torch.float32)
