@@ -40,7 +40,7 @@ from patchdiff.training.lock import RunLock
 from patchdiff.training.mfu import achieved, flops_by_crop
 from patchdiff.training.optim import make_adam
 from patchdiff.training.setup import Setup, new_run_dir
-from patchdiff.training.signals import RunInterruptedError, StopRequests, signal_name
+from patchdiff.training.signals import RunInterruptedError, StopRequests, ignore_stop_signals, signal_name
 from patchdiff.training.stream import CropDataset, StreamSampler, step_seed
 
 
@@ -154,6 +154,7 @@ class Run:
             pin_memory=dev.type == "cuda",
             persistent_workers=cfg.workers > 0,
             prefetch_factor=4 if cfg.workers > 0 else None,
+            worker_init_fn=ignore_stop_signals,
         )
         self.batches = iter(loader)
         self.model = Model(self.ema, cfg, dev)
