@@ -31,6 +31,7 @@ from patchdiff.training.checkpoint import (
     remove_temporaries,
     save_snapshot,
     save_state,
+    settle_state,
     state_in,
     truncate_stats,
 )
@@ -185,6 +186,7 @@ class Run:
             run_dir = setup.state_path.parent  # the run continues in place, wherever it was moved to
             if self.main:
                 remove_temporaries(run_dir)
+                settle_state(run_dir)  # the state just read may be a state.pt.new a crash left unrenamed
         elif self.main:
             run_dir = new_run_dir(self.cfg)
             self.lock = RunLock(run_dir).acquire()
