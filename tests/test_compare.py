@@ -180,3 +180,35 @@ def test_loss_by_sigma_closed_forms():
         assert loss == pytest.approx(expected, rel=0.03)
     # Seeded: the same noise for every model scored.
     assert loss_by_sigma(Fixed(False), y, sigmas, batch=64) == losses
+
+
+def test_an_interrupted_configuration_resumes_from_the_state_training_would(
+    tmp_path, landscapes, tiny_detector, monkeypatch
+):
+    import torch
+    from tqdm import tqdm
+
+    from patchdiff.compare import study as study_module
+    from patchdiff.training.checkpoint import save_state
+
+    study = load_study(write_study(tmp_path / "study.json", landscapes, tiny_detector))
+    run_out = tmp_path / "runs" / "full"
+    run_dir = run_out / "00000-landscapes"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text("{}")
+    save_state(run_dir / "state.pt.prev", dict(w=torch.zeros(1)))  # a crash fell between the two renames
+    commands = []
+
+    class Finished:  # stands in for the training process
+        returncode = 0
+
+        def __init__(self, cmd, **kwargs):
+            commands.append(cmd)
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(study_module.subprocess, "Popen", Finished)
+    entry = dict(kimg=0.1, budget_flops=1e9, flops_per_image=1e4)
+    study_module.train_one(study, study.configs[0], entry, run_out, tqdm(disable=True))
+    assert commands[0][-2:] == ["--resume", str(run_dir)]  # not a fresh start

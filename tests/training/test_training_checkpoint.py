@@ -9,6 +9,7 @@ from patchdiff.config import TrainConfig
 from patchdiff.generation import build_denoiser, load
 from patchdiff.training.checkpoint import (
     StateError,
+    atomic_write,
     check_state,
     find_resume_state,
     load_state,
@@ -17,6 +18,8 @@ from patchdiff.training.checkpoint import (
     remove_temporaries,
     save_snapshot,
     save_state,
+    settle_state,
+    state_in,
     truncate_stats,
 )
 
@@ -104,12 +107,36 @@ def test_damaged_states_are_named(tmp_path):
 
 def test_stale_temporaries_and_lost_stats_are_cleaned(tmp_path):
     (tmp_path / ".state.pt.new.abc.tmp").write_bytes(b"x")
-    (tmp_path / "state.pt.new").write_text("x")
+    (tmp_path / "state.pt.new").write_text("x")  # torn: settle_state removes it
     (tmp_path / "keep.txt").write_text("x")
-    assert [p.name for p in remove_temporaries(tmp_path)] == [".state.pt.new.abc.tmp", "state.pt.new"]
+    assert [p.name for p in remove_temporaries(tmp_path)] == [".state.pt.new.abc.tmp"]
+    assert settle_state(tmp_path) is None
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
     stats = tmp_path / "stats.jsonl"
     stats.write_text('{"kind": "tick", "step": 5}\n{"kind": "tick", "step": 10}\n{"kind": "tick", "st')
     assert truncate_stats(stats, 5) == 2
     assert stats.read_text() == '{"kind": "tick", "step": 5}\n'
     assert truncate_stats(stats, 5) == 0
+
+
+def test_resume_prefers_the_newest_complete_state(tmp_path):
+    outdir = tmp_path
+    tmp_path = outdir / "00000-run"
+    tmp_path.mkdir()
+    path, new = tmp_path / "state.pt", tmp_path / "state.pt.new"
+    save_state(path, dict(w=torch.zeros(1)))
+    # A crash after state.pt.new was written but before it was renamed: it is the newest state.
+    atomic_write(new, lambda tmp: torch.save(dict(w=torch.ones(1)), tmp))
+    assert state_in(tmp_path) == new == find_resume_state(str(tmp_path), tmp_path)
+    assert find_resume_state("auto", outdir) == new
+    assert settle_state(tmp_path) == path and not new.is_file()
+    assert load_state(path)["w"].item() == 1 and load_state(tmp_path / "state.pt.prev")["w"].item() == 0
+    # A torn state.pt.new (or state.pt) is passed over for the complete one before it.
+    new.write_bytes(path.read_bytes()[:100])
+    assert state_in(tmp_path) == path
+    path.write_bytes(path.read_bytes()[:-30])
+    assert state_in(tmp_path) == tmp_path / "state.pt.prev"
+    (tmp_path / "state.pt.prev").unlink()
+    assert state_in(tmp_path) == path  # nothing complete: state.pt, whose loading names the damage
+    with pytest.raises(StateError, match=r"state\.pt is damaged"):
+        load_state(state_in(tmp_path))

@@ -53,3 +53,28 @@ def test_no_host_device_sync_inside_the_step_on_cuda(landscapes, tmp_path, monke
     cfg = tiny_config(str(landscapes), str(tmp_path), precision="bf16", tick_kimg=1.0, snap_ticks=0)
     train(cfg, progress=False, grid=0, device="cuda")
     assert len(checked) >= 5
+
+
+def test_compiled_step_with_gradient_accumulation_on_one_process(landscapes):
+    """--compile with one process and several rounds: the compiled wrapper has no DDP no_sync to call."""
+    from tests.training.test_training_loop import cut_round
+
+    from patchdiff.data import ImageDataset
+    from patchdiff.generation import build_denoiser
+    from patchdiff.training import loop
+
+    torch.manual_seed(0)
+    dataset = ImageDataset(landscapes)
+    cfg = loop.resolve(tiny_config(str(landscapes), "unused", patch=PatchConfig(schedule="full")), dataset)
+    denoiser = build_denoiser(cfg)
+    compiled = torch.compile(denoiser, backend="eager")  # dynamo's wrapper, without inductor's kernels
+    optimizer = torch.optim.Adam(denoiser.parameters(), lr=cfg.lr)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    images = torch.stack([dataset[i][0] for i in range(8)])
+    labels = torch.zeros(8, dtype=torch.long)
+    rounds = [cut_round(images[:4], labels[:4], (16, 16)), cut_round(images[4:], labels[4:], (16, 16))]
+    loss, n = loop.train_step(
+        compiled, denoiser, optimizer, scaler, rounds, (16, 16), cfg, torch.device("cpu"), 2
+    )
+    assert n == 4 and torch.isfinite(loss)
+    assert all(p.grad is not None for p in denoiser.parameters() if p.requires_grad)

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from patchdiff.config import TrainConfig, from_dict
 from patchdiff.flops import kimg_for_budget, training_flops
+from patchdiff.training.checkpoint import state_in
 
 # Flags the runner sets itself; a study may not set them.
 RUNNER_FLAGS = (
@@ -272,7 +273,7 @@ def train_one(study: StudyConfig, run: StudyRun, entry: dict, run_out: Path, bar
         cmd += ["--metric-ref", study.metric_ref] if study.metric_ref else []
         cmd += ["--detector", study.detector] if study.detector else []
     previous = run_dir_of(run_out)
-    if previous is not None and (previous / "state.pt").is_file():
+    if previous is not None and state_in(previous) is not None:  # the lookup training resumes with
         cmd += ["--resume", str(previous)]
     wall_path = run_out / "wall_s.txt"  # wall time of earlier, interrupted invocations
     wall_before = float(wall_path.read_text()) if wall_path.is_file() else 0.0

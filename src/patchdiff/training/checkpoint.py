@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -147,12 +148,41 @@ def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
+def is_complete(path: Path) -> bool:
+    """Whether a state file was written to its end: torch.save writes a zip archive, whose central
+    directory comes last, so a torn or truncated file fails to open as one (a cheap check, no loading)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return bool(archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def state_in(run_dir: Path) -> Path | None:
-    """A run's state: state.pt, or state.pt.prev when a crash fell between the two renames."""
-    for name in (STATE_NAME, STATE_NAME + ".prev"):
-        if (run_dir / name).is_file():
-            return run_dir / name
-    return None
+    """A run's newest complete state: `state.pt.new` when a crash came after it was written but before
+    it was renamed into place, else state.pt, else state.pt.prev (a crash between the two renames).
+    Training, `--resume auto` and `patchdiff compare` all look a state up here. With none complete, the
+    state.pt that is there (loading it names the damage)."""
+    names = (STATE_NAME + ".new", STATE_NAME, STATE_NAME + ".prev")
+    found = [run_dir / name for name in names if (run_dir / name).is_file()]
+    complete = [p for p in found if is_complete(p)]
+    fallback = [p for p in found if p.name == STATE_NAME]
+    return (complete or fallback or [None])[0]
+
+
+def settle_state(run_dir: Path) -> Path | None:
+    """Finish a save that a crash interrupted, so the run's state is state.pt again: a complete
+    `state.pt.new` is renamed into place (the old state.pt becomes .prev), a torn one is removed.
+    Returns the state now in use."""
+    new, path = run_dir / (STATE_NAME + ".new"), run_dir / STATE_NAME
+    if new.is_file():
+        if is_complete(new):
+            if path.is_file():
+                os.replace(path, path.with_name(path.name + ".prev"))
+            os.replace(new, path)
+        else:
+            new.unlink(missing_ok=True)
+    return state_in(run_dir)
 
 
 def find_resume_state(resume: str, outdir: str | os.PathLike) -> Path | None:
@@ -170,9 +200,9 @@ def find_resume_state(resume: str, outdir: str | os.PathLike) -> Path | None:
 
 
 def remove_temporaries(run_dir: Path) -> list[Path]:
-    """Files a killed run left behind: half-written `.NAME.*.tmp` files of atomic writes, and a complete
-    `state.pt.new` that was never renamed into place (the state it would have replaced is the newer)."""
-    stale = [p for p in [*run_dir.glob(".*.tmp"), run_dir / (STATE_NAME + ".new")] if p.is_file()]
+    """Half-written `.NAME.*.tmp` files of atomic writes that a killed run left behind (a complete
+    `state.pt.new` is a state: `settle_state` renames it into place)."""
+    stale = [p for p in run_dir.glob(".*.tmp") if p.is_file()]
     for p in stale:
         p.unlink(missing_ok=True)
     return stale

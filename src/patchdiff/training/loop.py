@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from patchdiff import distributed as dist
 from patchdiff.config import TrainConfig, to_json
@@ -57,6 +58,10 @@ def train_step(
     Returns the step's mean loss (a device tensor: no host sync) and the images per round."""
     optimizer.zero_grad(set_to_none=True)
     loss_sum, n = torch.zeros((), device=dev), 0
+    # Gradients are averaged across processes only in the last round; one process has nothing to skip
+    # (`ddp` may then be the compiled denoiser, which has no no_sync).
+    wrapped = getattr(ddp, "_orig_mod", ddp)  # torch.compile's wrapper around the model (or DDP)
+    ddp_model = wrapped if isinstance(wrapped, DistributedDataParallel) else None
     for r, (data, labels, top, left) in enumerate(rounds_data):
         n = data.shape[0]
         if tuple(data.shape[-2:]) != tuple(crop):
@@ -67,7 +72,7 @@ def train_step(
         label_dim = cfg.network.label_dim
         # One-hot on the host: on CUDA, one_hot would check the label range with a device sync.
         onehot = F.one_hot(labels, label_dim).float().to(dev, non_blocking=True) if label_dim else None
-        sync = ddp.no_sync() if ddp is not denoiser and r < rounds - 1 else contextlib.nullcontext()
+        sync = ddp_model.no_sync() if ddp_model is not None and r < rounds - 1 else contextlib.nullcontext()
         with sync:
             with autocast(dev, cfg.precision):
                 loss = edm_loss(

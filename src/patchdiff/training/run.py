@@ -31,6 +31,7 @@ from patchdiff.training.checkpoint import (
     remove_temporaries,
     save_snapshot,
     save_state,
+    settle_state,
     state_in,
     truncate_stats,
 )
@@ -40,7 +41,7 @@ from patchdiff.training.lock import RunLock
 from patchdiff.training.mfu import achieved, flops_by_crop
 from patchdiff.training.optim import make_adam
 from patchdiff.training.setup import Setup, new_run_dir
-from patchdiff.training.signals import RunInterruptedError, StopRequests, signal_name
+from patchdiff.training.signals import RunInterruptedError, StopRequests, ignore_stop_signals, signal_name
 from patchdiff.training.stream import CropDataset, StreamSampler, step_seed
 
 
@@ -154,6 +155,7 @@ class Run:
             pin_memory=dev.type == "cuda",
             persistent_workers=cfg.workers > 0,
             prefetch_factor=4 if cfg.workers > 0 else None,
+            worker_init_fn=ignore_stop_signals,
         )
         self.batches = iter(loader)
         self.model = Model(self.ema, cfg, dev)
@@ -184,6 +186,7 @@ class Run:
             run_dir = setup.state_path.parent  # the run continues in place, wherever it was moved to
             if self.main:
                 remove_temporaries(run_dir)
+                settle_state(run_dir)  # the state just read may be a state.pt.new a crash left unrenamed
         elif self.main:
             run_dir = new_run_dir(self.cfg)
             self.lock = RunLock(run_dir).acquire()

@@ -46,5 +46,16 @@ class StopRequests:
         self._previous.clear()
 
 
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """A DataLoader worker's `worker_init_fn`: the stop signals are the main process's decision.
+
+    `kill -TERM -PGID` (Slurm preemption) and Ctrl-C reach the whole process group; a worker killed by
+    one makes the DataLoader raise in the main process before it can write the state. Ignoring them
+    here overrides torch's worker handlers (installed before this runs); the main process stops at the
+    next step and shuts its workers down itself."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
 def signal_name(signum: int) -> str:
     return signal.Signals(signum).name
