@@ -192,6 +192,7 @@ class TrainConfig:
     max_bad_steps: int = 8  # consecutive non-finite losses before the run stops
     checkpoint_kimg: float = 0.0  # also write the resumable state every this many kimg (0 = off)
     checkpoint_minutes: float = 10.0  # ... and at least this often in wall-clock time (0 = off)
+    loggers: tuple[str, ...] = ()  # also log to "tensorboard" and/or "wandb" (training/loggers)
 
 
 # --------------------------------------------------------------------------- JSON round trip

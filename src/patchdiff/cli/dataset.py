@@ -18,7 +18,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument(
-        "--source", required=True, metavar="SRC", help="folder, .zip, IDX images file or CIFAR-10 tarball"
+        "--source",
+        required=True,
+        metavar="SRC",
+        help="folder, .zip, IDX images file, CIFAR-10 tarball, or a Hugging Face data set: a save_to_disk "
+        "folder, .parquet file(s) (a glob is fine) or hf:NAME[:SPLIT] (needs patchdiff[hf])",
     )
     p.add_argument("--dest", required=True, metavar="DEST", help="output: a path ending in .zip, or a folder")
     p.add_argument(
@@ -35,6 +39,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--class-folders", action="store_true", help="first-level sub-folder names are class labels"
     )
     p.add_argument("--channels", type=int, choices=(1, 3), help="force grayscale (1) or RGB (3)")
+    p.add_argument(
+        "--image-column", help="Hugging Face sources: the image column (default: the first Image column)"
+    )
+    p.add_argument(
+        "--label-column",
+        help="Hugging Face sources: class labels, ClassLabel / int / names (default: label, labels or class)",
+    )
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("latent space (needs patchdiff[latent])")
@@ -58,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
         transform=args.transform,
         max_images=args.max_images,
         class_folders=args.class_folders,
+        image_column=args.image_column,
+        label_column=args.label_column,
         skip_bad=args.skip_bad,
         progress=not args.no_progress,
     )

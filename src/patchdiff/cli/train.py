@@ -9,6 +9,7 @@ import sys
 
 from patchdiff.config import DIT_SIZES, LatentConfig, LossConfig, PatchConfig, TrainConfig, network_preset
 from patchdiff.presets import TRAIN_PRESETS, add_preset_flag
+from patchdiff.training.loggers import parse_logger_names
 
 
 def comma_list(cast: type, example: str):
@@ -190,6 +191,13 @@ def add_parser(subparsers) -> None:
         "run when there is none). A resumed run keeps its saved settings; flags given now override them",
     )
     g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    g.add_argument(
+        "--logger",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also log to tensorboard and/or wandb (repeat or comma-separate; needs patchdiff[NAME])",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument(
         "--dry-run", action="store_true", help="print the resolved config and parameter count, write nothing"
@@ -245,6 +253,7 @@ FIELD_OF_FLAG = {
     "init_from": "network.init_from",
     "prediction": "network.prediction",
     "latent_norm": "latent.norm",
+    "logger": "loggers",
 }
 
 
@@ -325,6 +334,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         grad_clip=args.grad_clip,
         checkpoint_kimg=args.checkpoint,
         checkpoint_minutes=args.checkpoint_minutes,
+        loggers=parse_logger_names(args.logger),
     )
 
 

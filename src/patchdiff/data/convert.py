@@ -259,6 +259,8 @@ def convert_dataset(
     skip_bad: bool = False,
     channels: int | None = None,
     progress: bool = True,
+    image_column: str | None = None,
+    label_column: str | None = None,
 ) -> ConvertSummary:
     """Convert `source` (folder, zip, IDX file, CIFAR-10 tarball) into `dest` (`*.zip` or a folder).
 
@@ -279,7 +281,7 @@ def convert_dataset(
         raise ValueError(f"--transform {transform} needs --resolution HxW")
     if resolution is not None:
         check_resolution(resolution)
-    src = open_source(source, class_folders=class_folders)
+    src = open_source(source, class_folders, image_column, label_column)
     if len(src) == 0:
         raise ValueError(
             f"--source {source} holds no images (.png, .jpg, .jpeg, .webp); point it at your images"

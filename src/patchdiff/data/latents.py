@@ -218,6 +218,8 @@ def encode_dataset(
     batch: int = 32,
     preview: int = 8,
     progress: bool = True,
+    image_column: str | None = None,
+    label_column: str | None = None,
 ) -> LatentSummary:
     """Resize/crop images as `patchdiff dataset` does, encode them with `vae` (a latent.VAE) and write a
     latent set to the folder `dest`. Started again after an interruption, it skips finished shards."""
@@ -230,7 +232,7 @@ def encode_dataset(
         raise ValueError(f"--max-images must be at least 1, got {max_images}")
     if shard_size < 1 or batch < 1:
         raise ValueError(f"--shard-size ({shard_size}) and --vae-batch ({batch}) must be at least 1")
-    src = open_source(source, class_folders=class_folders)
+    src = open_source(source, class_folders, image_column, label_column)
     work = dest.with_name(dest.name + PARTIAL)
     settings = dict(
         format=FORMAT,

@@ -198,8 +198,26 @@ class Source:
         return self.items()
 
 
-def open_source(path: str | os.PathLike, class_folders: bool = False) -> Source:
-    """Pick the reader by what `path` is: IDX file (or folder holding one), CIFAR-10 tarball, zip, folder."""
+def open_source(
+    path: str | os.PathLike,
+    class_folders: bool = False,
+    image_column: str | None = None,
+    label_column: str | None = None,
+) -> Source:
+    """Pick the reader by what `path` is: a Hugging Face data set (data/hf.py: hf:NAME, parquet, a
+    save_to_disk folder), IDX file (or folder holding one), CIFAR-10 tarball, zip, folder."""
+    from patchdiff.data.hf import hf_source, is_hf_source
+
+    if is_hf_source(path):
+        if class_folders:
+            raise ValueError(f"--class-folders does not apply to --source {path}; use --label-column")
+        return hf_source(path, image_column, label_column)
+    if image_column or label_column:
+        flag = "--image-column" if image_column else "--label-column"
+        raise ValueError(
+            f"{flag} applies to Hugging Face data sets (hf:NAME, parquet, save_to_disk folders), "
+            f"not to --source {path}"
+        )
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"--source {path} does not exist")

@@ -55,9 +55,12 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def write_grid(model: Model, path: Path, num: int, num_steps: int | None = None) -> None:
+def write_grid(model: Model, path: Path, num: int, num_steps: int | None = None):
+    """Write the sample grid of `num` images; returns it (uint8 [H, W, C]) for the loggers."""
     images = generate(model, range(num), batch_size=min(num, 64), num_steps=num_steps)
-    atomic_write(path, lambda tmp: to_pil(image_grid(images)).save(tmp, format="PNG"))
+    grid = image_grid(images)
+    atomic_write(path, lambda tmp: to_pil(grid).save(tmp, format="PNG"))
+    return grid
 
 
 class Run:
@@ -123,6 +126,12 @@ class Run:
                     f"resume: dropped {dropped} stats.jsonl records past step {self.at_step} (lost work)"
                 )
 
+        self.loggers = None  # tensorboard / wandb sinks of the stats records, rank 0 only
+        if self.main and cfg.loggers:
+            from patchdiff.training.loggers import open_loggers
+
+            resumed = None if state is None else plan.nimg(self.at_step) / 1000
+            self.loggers = open_loggers(cfg.loggers, self.run_dir, json.loads(to_json(cfg)), resumed)
         # Counted once per crop size (before DDP wraps the model): each tick's TFLOP/s costs no sync.
         self.flops_by_size = flops_by_crop(self.denoiser, schedule, cfg.network.img_channels)
         self.tick_flops = 0.0
@@ -164,6 +173,8 @@ class Run:
         self.host_group = dist.host_group()
         # Device-side accumulators, read only at ticks and checkpoints: no host sync in the hot loop.
         self.loss_sum = torch.zeros((), device=dev)
+        self.loss_by_size = torch.zeros(len(schedule.sizes), device=dev)  # summed per crop size in a tick
+        self.steps_by_index = [0] * len(schedule.sizes)
         self.bad_streak = torch.zeros((), device=dev)
         self.worst_streak = torch.zeros((), device=dev)
         self.ticks_done = 0
@@ -208,12 +219,16 @@ class Run:
         if self.main:
             with open(self.stats_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.loggers:
+                self.loggers.record(record)
 
     def close(self) -> None:
         self.bar.close()
         del self.batches
         if self.log_file:
             self.log_file.close()
+        if self.loggers:
+            self.loggers.close()
         if self.lock:
             self.lock.release()
 
@@ -278,6 +293,8 @@ class Run:
             self.log(f"compiled the step for crop size {size}: {self.compile_s[size]:.1f} s")
         loss = self.faults.after_step(step, self.schedule.sizes[index], loss)
         self.loss_sum += loss
+        self.loss_by_size[index] += loss
+        self.steps_by_index[index] += 1
         self.bad_streak = (self.bad_streak + 1) * (~torch.isfinite(loss))
         self.worst_streak = torch.maximum(self.worst_streak, self.bad_streak)
         step_images = plan.nimg(step + 1) - nimg
@@ -298,6 +315,15 @@ class Run:
         fp16 overflow must stop (or hold back the state of) every rank at the same step."""
         both = dist.all_reduce_max(torch.stack([self.bad_streak, self.worst_streak]))
         return int(both[0].item()), int(both[1].item())
+
+    def tick_loss_by_size(self) -> dict[str, float]:
+        """The tick's mean loss of each crop size it trained on (every rank trains the same sizes)."""
+        sums = dist.all_reduce_mean(self.loss_by_size).tolist()
+        return {
+            str(size): sums[i] / n
+            for i, (size, n) in enumerate(zip(self.schedule.sizes, self.steps_by_index, strict=True))
+            if n
+        }
 
     def tick(self, done: bool) -> None:
         cfg, step, c = self.cfg, self.at_step, self.counters
@@ -327,6 +353,7 @@ class Run:
             crops=c["crops"],
             steps_by_size=c["steps_by_size"],
             mem_gb=peak_memory_gb(self.dev),
+            loss_by_size=self.tick_loss_by_size(),
             **achieved(self.tick_flops, now - self.tick_start, self.dev, self.world),
         )
         if self.compile_s:
@@ -345,6 +372,8 @@ class Run:
             else:  # never overwrite the last good state with one taken mid-way through a bad streak
                 self.log(f"skipping the snapshot at step {step}: the last {bad} losses were non-finite")
         self.loss_sum.zero_()
+        self.loss_by_size.zero_()
+        self.steps_by_index = [0] * len(self.schedule.sizes)
         self.worst_streak.zero_()
         self.tick_steps, self.tick_start, self.tick_nimg = 0, time.time(), self.plan.nimg(step)
         self.tick_flops = 0.0
@@ -415,7 +444,9 @@ class Run:
         dist.agree_on_error(error)
         self.write_state()
         if self.main and self.grid:  # after the state: a failure while sampling cannot cost the state
-            write_grid(self.model, self.run_dir / f"grid-{name}.png", self.grid)
+            grid = write_grid(self.model, self.run_dir / f"grid-{name}.png", self.grid)
+            if self.loggers:
+                self.loggers.image("samples", grid, self.plan.nimg(step) / 1000)
         if self.cfg.metrics:
             self.evaluate_metrics()
         dist.barrier()

@@ -187,6 +187,7 @@ RUN_CONTROL = (
     "max_bad_steps",
     "checkpoint_kimg",
     "checkpoint_minutes",
+    "loggers",
 )
 
 
@@ -250,6 +251,10 @@ def prepare(cfg: TrainConfig, resume: str | None, world: int, overrides=None, lo
             from patchdiff.metrics import parse_metric_names
 
             parse_metric_names(cfg.metrics)  # fail before training, not at the first snapshot
+        if cfg.loggers:
+            from patchdiff.training.loggers import check_loggers
+
+            check_loggers(cfg.loggers)  # a missing package: one line naming the extra, before any write
         bounds = tuple(counters.get("phase_bounds", ())) if counters else ()
         plan = make_plan(cfg, schedule, batch_gpu, rounds, world, bounds)
     except BaseException:
