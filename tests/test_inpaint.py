@@ -96,3 +96,56 @@ def test_latent_inpainting_encodes_once_and_keeps_the_pixels(tiny_vae):  # noqa:
     assert torch.equal(out[:, :, ~generate_mask], image[:, ~generate_mask].expand(3, -1, -1))
     with pytest.raises(ValueError, match="multiples of 8"):
         generate(model, [0], num_steps=2, known=Known(known_image(3, 12, 12)))
+
+
+def test_the_cli_regions_canvases_and_inpainting(tiny_run, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from patchdiff.cli import main
+
+    base = ["generate", "--model", str(tiny_run), "--seeds", "0-1", "--steps", "3", "--no-progress"]
+    assert main([*base, "--outdir", str(tmp_path / "r"), "--region", "4,0,8,12"]) == 0
+    assert Image.open(tmp_path / "r" / "000000.png").size == (12, 8)  # (W, H)
+    assert (
+        main([*base, "--outdir", str(tmp_path / "t"), "--canvas", "16,32", "--tile", "--tile-stride", "4"])
+        == 0
+    )
+    assert Image.open(tmp_path / "t" / "000001.png").size == (32, 16)
+    image = known_image().permute(1, 2, 0).numpy()
+    Image.fromarray(image).save(tmp_path / "init.png")
+    mask = np.zeros((16, 16), np.uint8)
+    mask[:, 8:] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    flags = ["--init", str(tmp_path / "init.png"), "--mask", str(tmp_path / "mask.png"), "--resample", "1"]
+    assert main([*base, "--outdir", str(tmp_path / "i"), *flags]) == 0
+    out = np.asarray(Image.open(tmp_path / "i" / "000000.png"))
+    assert np.array_equal(out[:, :8], image[:, :8])
+    assert (
+        main(
+            [
+                *base,
+                "--outdir",
+                str(tmp_path / "o"),
+                "--init",
+                str(tmp_path / "init.png"),
+                "--canvas",
+                "24,24",
+            ]
+        )
+        == 0
+    )
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "o" / "000001.png"))[4:20, 4:20], image)
+    capsys.readouterr()
+    for flags, message in [
+        (["--region", "4,0,8"], "--region '4,0,8': expected 4"),
+        (["--region", "10,0,8,8"], "--region 10,0,8,8"),
+        (["--canvas", "16,8"], "--canvas 16,8 is smaller"),
+        (["--canvas", "16,33"], "multiples of 2"),
+        (["--mask", str(tmp_path / "mask.png")], "needs --init"),
+        (["--init", str(tmp_path / "missing.png")], "--init"),
+        (["--region", "0,0,8,8", "--tile"], "does not combine"),
+    ]:
+        assert main([*base, "--outdir", str(tmp_path / "e"), *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
