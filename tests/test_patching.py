@@ -148,3 +148,22 @@ def test_noise_bands_tile_the_quantiles_from_small_to_full_crops():
         assert math.isclose(hi - lo, p) and math.isclose(hi, next_lo)
     with pytest.raises(ValueError, match="--noise-bands needs --patch-schedule stochastic"):
         resolve_schedule(PatchConfig(schedule="progressive", noise_bands=True), (32, 32))
+
+
+def test_coordinate_features_closed_form():
+    from patchdiff.patching import coordinate_features
+
+    coords = coordinate_grid(3, 5)[None]
+    assert torch.equal(coordinate_features(coords, 0), coords)
+    f = coordinate_features(coords, 3)
+    assert f.shape == (1, 2 + 4 * 3, 3, 5)
+    assert torch.equal(f[:, :2], coords)
+    for k in range(3):
+        angle = math.pi * 2**k * coords
+        assert torch.allclose(f[:, 2 + 4 * k : 4 + 4 * k], angle.sin(), atol=1e-6)
+        assert torch.allclose(f[:, 4 + 4 * k : 6 + 4 * k], angle.cos(), atol=1e-6)
+    # A pixel's features are the same in every crop: they depend on its coordinates alone.
+    crop = crop_coords(torch.tensor([1]), torch.tensor([2]), (2, 3), (3, 5))
+    assert torch.equal(coordinate_features(crop, 3), f[:, :, 1:3, 2:5])
+    with pytest.raises(ValueError, match="--coord-embed -1"):
+        coordinate_features(coords, -1)

@@ -47,3 +47,13 @@ def test_denoiser_without_coords_or_labels():
     D = Denoiser(net, use_coords=False)
     D(torch.randn(1, 3, 4, 4), torch.tensor(1.0))
     assert net.x.shape[1] == 3 and net.labels is None
+
+
+def test_denoiser_feeds_the_coordinate_frequencies():
+    from patchdiff.patching import coordinate_features
+
+    net = Recorder()
+    D = Denoiser(net, use_coords=True, coord_embed=2)
+    D(torch.randn(2, 3, 4, 6), torch.tensor(1.0))
+    assert net.x.shape[1] == 3 + 2 + 8
+    assert torch.equal(net.x[:, 3:], coordinate_features(coordinate_grid(4, 6).expand(2, -1, -1, -1), 2))

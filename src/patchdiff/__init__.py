@@ -1,21 +1,27 @@
 """patchdiff: patch-wise training of EDM diffusion models (Patch Diffusion, Wang et al. 2023)."""
 
+from patchdiff.canvas import Canvas, centred_canvas, region_canvas, tiled_denoiser
 from patchdiff.config import LossConfig, NetworkConfig, PatchConfig, TrainConfig, network_preset
 from patchdiff.generation import Model, generate, load
+from patchdiff.inpaint import Known, inpainting_denoiser
 from patchdiff.loss import edm_loss
-from patchdiff.patching import coordinate_grid, random_patches, resolve_schedule
+from patchdiff.patching import coordinate_features, coordinate_grid, random_patches, resolve_schedule
 from patchdiff.precond import Denoiser, edm_scalings
 from patchdiff.sampling import edm_sampler, euler_sampler, guidance_combine, guided_denoiser, karras_sigmas
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Canvas",
     "Denoiser",
+    "Known",
     "LossConfig",
     "Model",
     "NetworkConfig",
     "PatchConfig",
     "TrainConfig",
+    "centred_canvas",
+    "coordinate_features",
     "coordinate_grid",
     "edm_loss",
     "edm_sampler",
@@ -24,9 +30,12 @@ __all__ = [
     "generate",
     "guidance_combine",
     "guided_denoiser",
+    "inpainting_denoiser",
     "karras_sigmas",
     "load",
     "network_preset",
     "random_patches",
+    "region_canvas",
     "resolve_schedule",
+    "tiled_denoiser",
 ]

@@ -31,6 +31,9 @@ class NetworkConfig:
     resolution: int = 64  # R: the (square) image or latent size the network is built for
     img_channels: int = 3  # C: image (or latent) channels in and out
     coord_channels: int = 2  # 2 for Patch Diffusion's (x, y) channels, 0 for the baseline/ablation
+    coord_embed: int = (
+        0  # K sine/cosine frequencies of each coordinate as more inputs (patching.coordinate_features)
+    )
     label_dim: int = 0  # number of classes; 0 = unconditional
     model_channels: int = 128  # --cbase
     channel_mult: tuple[int, ...] = (1, 2, 2, 2)  # --cres
@@ -56,7 +59,8 @@ class NetworkConfig:
 
     @property
     def in_channels(self) -> int:
-        return self.img_channels + self.coord_channels
+        """C image channels, then each coordinate channel and its 2K sines and cosines."""
+        return self.img_channels + self.coord_channels * (1 + 2 * self.coord_embed)
 
     @property
     def min_crop(self) -> int:

@@ -20,12 +20,14 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from patchdiff.canvas import Canvas, canvas_denoiser, frame_canvas
 from patchdiff.config import TrainConfig
-from patchdiff.latent import decode_to_pixels, load_vae
+from patchdiff.inpaint import Known, inpainting_denoiser, mask_to_grid, paste_known, place
+from patchdiff.latent import decode_to_pixels, load_vae, to_network
 from patchdiff.networks import build_network
 from patchdiff.precond import Denoiser
 from patchdiff.precond_vp import VPDenoiser
-from patchdiff.sampling import SAMPLERS, guided_denoiser, resolve_sampler
+from patchdiff.sampling import SAMPLERS, DenoiserFn, guided_denoiser, resolve_sampler
 from patchdiff.training.checkpoint import newest_snapshot, read_snapshot
 
 
@@ -35,7 +37,11 @@ def build_denoiser(cfg: TrainConfig, pretrained: bool = True) -> Denoiser | VPDe
     if cfg.network.prediction != "edm":  # a pretrained epsilon / v network
         return VPDenoiser.from_config(net, cfg.network)
     return Denoiser(
-        net, cfg.loss.sigma_data, use_coords=cfg.network.coord_channels > 0, label_dim=cfg.network.label_dim
+        net,
+        cfg.loss.sigma_data,
+        use_coords=cfg.network.coord_channels > 0,
+        label_dim=cfg.network.label_dim,
+        coord_embed=cfg.network.coord_embed,
     )
 
 
@@ -187,21 +193,28 @@ def iter_images(
     sigma_max: float = 80.0,
     rho: float = 7.0,
     progress: bool = False,
+    canvas: Canvas | None = None,
+    known: Known | None = None,
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Yield (seeds, uint8 images [B, C, H, W]) batch by batch; a latent model's samples are decoded.
-    sampler/num_steps None: the defaults (patchdiff.sampling.DEFAULT_SAMPLER and its DEFAULT_STEPS)."""
+    sampler/num_steps None: the defaults (patchdiff.sampling.DEFAULT_SAMPLER and its DEFAULT_STEPS).
+    canvas: a region, larger or tiled canvas (canvas.py; None = the training frame); known: in- or
+    out-paint around these pixels (inpaint.py)."""
     sampler, num_steps = resolve_sampler(sampler, num_steps)
     check_sampling_args(model, seeds, batch_size, num_steps, class_label, cfg_scale)
     if isinstance(model.denoiser, VPDenoiser):  # a pretrained DDPM knows only its own noise levels
         sigma_min, sigma_max = model.denoiser.sigma_range(sigma_min, sigma_max)
-    H, W = model.image_size
+    canvas = canvas or frame_canvas(model.image_size)
+    check_canvas(model, canvas)
+    H, W = canvas.size
     C = model.img_channels
+    kept = known_in_model_space(model, known, canvas) if known is not None else None
     seeds = list(seeds)
     batches = [seeds[i : i + batch_size] for i in range(0, len(seeds), batch_size)]
     for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress):
         gens = [torch.Generator().manual_seed(int(s)) for s in batch]
         noise = torch.stack([torch.randn(C, H, W, generator=g) for g in gens]).to(model.device)
-        D = model.denoiser
+        onehot = None
         if model.label_dim:
             labels = [
                 class_label
@@ -212,7 +225,16 @@ def iter_images(
             onehot = (
                 torch.nn.functional.one_hot(torch.tensor(labels), model.label_dim).float().to(model.device)
             )
-            D = guided_denoiser(model.denoiser, onehot, cfg_scale)
+        if canvas.is_frame:  # the network's own default grid: exactly the sampling of the training frame
+            D = conditioned_denoiser(model, onehot, cfg_scale)
+        else:
+            D = canvas_denoiser(
+                canvas,
+                lambda coords, y=onehot: conditioned_denoiser(model, y, cfg_scale, coords),
+                model.device,
+            )
+        if kept is not None:
+            D = inpainting_denoiser(D, kept[0], kept[1], gens, known.rounds)
         x = SAMPLERS[sampler](
             D,
             noise,
@@ -231,7 +253,83 @@ def iter_images(
                 f"sampling gave NaN or infinity for seeds {batch[0]}..{batch[-1]}; the model or the sampler "
                 "settings (--steps, --S-churn, --cfg) are unstable, so no images were written for them"
             )
-        yield batch, to_uint8(decode_to_pixels(model, x))
+        if kept is None:
+            yield batch, to_uint8(decode_to_pixels(model, x))
+            continue
+        pixels = decode_to_pixels(model, paste_known(x, kept[0], kept[1]))
+        yield batch, to_uint8(paste_known(pixels, kept[2], kept[3]))
+
+
+def conditioned_denoiser(
+    model: Model, labels: torch.Tensor | None, cfg_scale: float, coords: torch.Tensor | None = None
+) -> DenoiserFn:
+    """The model's D(x, sigma) with one-hot class labels [N, classes] (guided by cfg_scale; None for an
+    unconditional model) and coordinates [2, h, w] for every image (None: the frame grid of x's size)."""
+
+    def base(x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        c = None if coords is None else coords.expand(x.shape[0], -1, -1, -1)
+        return model.denoiser(x, sigma, coords=c, class_labels=class_labels)
+
+    return base if labels is None else guided_denoiser(base, labels, cfg_scale)
+
+
+def check_canvas(model: Model, canvas: Canvas) -> None:
+    """A canvas (or region) the network can take: both sides multiples of its down-sampling."""
+    if canvas.frame != model.image_size:
+        raise ValueError(
+            f"the canvas is laid out on a {canvas.frame} frame, but the model's is {model.image_size}"
+        )
+    m = model.config.network.min_crop
+    H, W = canvas.size
+    if H % m or W % m:
+        raise ValueError(
+            f"a {H}x{W} region or canvas does not fit this network, which needs sides that are multiples of {m}"
+            + (" latent cells" if model.config.latent.vae else " pixels")
+        )
+
+
+def known_in_model_space(
+    model: Model, known: Known, canvas: Canvas
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(known x [1, C, H, W], keep [1, 1, H, W]) on the canvas in the model's space, and the same as
+    pixels in [-1, 1] (for the final paste). The image sits centred in the canvas; a latent model's
+    image is encoded once and its keep-mask min-pooled to the latent grid."""
+    image = known.image.to(model.device)
+    if image.dtype != torch.uint8 or image.ndim != 3:
+        raise ValueError(f"the known image must be uint8 [C, h, w], got {image.dtype} {tuple(image.shape)}")
+    c, h, w = image.shape
+    keep = torch.ones(1, 1, h, w, device=model.device)
+    if known.generate is not None:
+        if tuple(known.generate.shape) != (h, w):
+            raise ValueError(
+                f"the mask is {tuple(known.generate.shape)} but the image {h}x{w}; give them one size"
+            )
+        keep = (~known.generate.to(model.device, torch.bool)).to(torch.float32)[None, None]
+    pixels = image[None].to(torch.float32) / 127.5 - 1
+    if not model.config.latent.vae:
+        if c != model.img_channels:
+            raise ValueError(f"the known image has {c} channels but the model makes {model.img_channels}")
+        x, _ = place(pixels, canvas.size)
+        keep_x, _ = place(keep, canvas.size)
+        return x, keep_x, x, keep_x
+    if model.vae is None:
+        model.vae = load_vae(model.config.latent.vae, model.device)
+    f = model.vae.factor
+    if h % f or w % f or c != 3:
+        raise ValueError(
+            f"a latent model's known image must be RGB with sides multiples of {f}; got {c}x{h}x{w}"
+        )
+    mean, _std = model.vae.encode(image[None])
+    z = to_network(mean.to(model.device), model.config.latent)
+    x, _ = place(z, canvas.size)
+    keep_x, _ = place(mask_to_grid(keep, (h // f, w // f)), canvas.size)
+    # The pixels under the image's latent cells: its latent offset, times f (not the pixel canvas' centre).
+    top, left = (canvas.size[0] - h // f) // 2 * f, (canvas.size[1] - w // f) // 2 * f
+    pixels_x = torch.zeros(1, 3, canvas.size[0] * f, canvas.size[1] * f, device=model.device)
+    keep_pixels = torch.zeros(1, 1, *pixels_x.shape[-2:], device=model.device)
+    pixels_x[..., top : top + h, left : left + w] = pixels
+    keep_pixels[..., top : top + h, left : left + w] = keep
+    return x, keep_x, pixels_x, keep_pixels
 
 
 def generate(model: Model, seeds: Sequence[int], **kwargs) -> torch.Tensor:

@@ -55,6 +55,24 @@ def crop_coords(
     return torch.stack([x, y], dim=1)
 
 
+def coordinate_features(coords: torch.Tensor, K: int) -> torch.Tensor:
+    """The coordinate channels [N, 2, h, w] followed by K frequencies of each (Patch Diffusion's
+    `--embed_fq`): sin(2^k pi c) and cos(2^k pi c) for k = 0..K-1 -> [N, 2 + 4K, h, w].
+
+    Why: a network with coordinates as raw inputs resolves position only as finely as its first
+    layers can sharpen a ramp; the sines give it a Fourier code of position (Tancik et al. 2020).
+    Channel order: c, then for each k the sines of (x, y), then their cosines. K = 0 is the identity."""
+    if K < 0:
+        raise ValueError(f"--coord-embed {K}: must be >= 0")
+    if K == 0:
+        return coords
+    features = [coords]
+    for k in range(K):
+        angle = (math.pi * 2.0**k) * coords
+        features += [angle.sin(), angle.cos()]
+    return torch.cat(features, dim=1)
+
+
 def crop_at(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: tuple[int, int]):
     """Crop images [N, C, H, W] at per-image offsets (top, left: int64 [N]) to `size` = (h, w).
 

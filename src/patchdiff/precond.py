@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from patchdiff.patching import coordinate_grid
+from patchdiff.patching import coordinate_features, coordinate_grid
 
 
 def edm_scalings(sigma: torch.Tensor, sigma_data: float = 0.5):
@@ -23,15 +23,16 @@ def edm_scalings(sigma: torch.Tensor, sigma_data: float = 0.5):
 
 
 def network_inputs(
-    net_in: torch.Tensor, coords, class_labels, use_coords: bool, label_dim: int
+    net_in: torch.Tensor, coords, class_labels, use_coords: bool, label_dim: int, coord_embed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The backbone's input [N, C(+2), h, w] and labels: the coordinate channels appended (default: the
-    full grid of an h x w image, as at sampling time), and all-zero labels (the null label) if none given."""
+    """The backbone's input [N, C(+2+4K), h, w] and labels: the coordinate channels and their K
+    frequencies appended (default: the full grid of an h x w image, as at sampling time), and all-zero
+    labels (the null label) if none given."""
     if use_coords:
         if coords is None:
             coords = coordinate_grid(net_in.shape[2], net_in.shape[3], device=net_in.device)
             coords = coords.expand(net_in.shape[0], -1, -1, -1)
-        net_in = torch.cat([net_in, coords.to(net_in.dtype)], dim=1)
+        net_in = torch.cat([net_in, coordinate_features(coords.to(net_in.dtype), coord_embed)], dim=1)
     if not label_dim:
         return net_in, None
     if class_labels is None:
@@ -46,18 +47,28 @@ class Denoiser(nn.Module):
     of an h x w image, as at sampling time), class_labels [N, label_dim] one-hot (zeros = none).
     """
 
-    def __init__(self, net: nn.Module, sigma_data: float = 0.5, use_coords: bool = True, label_dim: int = 0):
+    def __init__(
+        self,
+        net: nn.Module,
+        sigma_data: float = 0.5,
+        use_coords: bool = True,
+        label_dim: int = 0,
+        coord_embed: int = 0,  # K frequencies of each coordinate (patching.coordinate_features)
+    ):
         super().__init__()
         self.net = net
         self.sigma_data = sigma_data
         self.use_coords = use_coords
         self.label_dim = label_dim
+        self.coord_embed = coord_embed
 
     def forward(self, x: torch.Tensor, sigma, coords=None, class_labels=None) -> torch.Tensor:
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
         sigma = sigma.expand(x.shape[0]) if sigma.numel() == 1 else sigma
         c_skip, c_out, c_in, c_noise = edm_scalings(sigma.reshape(-1, 1, 1, 1), self.sigma_data)
-        net_in, labels = network_inputs(c_in * x, coords, class_labels, self.use_coords, self.label_dim)
+        net_in, labels = network_inputs(
+            c_in * x, coords, class_labels, self.use_coords, self.label_dim, self.coord_embed
+        )
         F_x = self.net(net_in, c_noise.reshape(-1), labels)
         return c_skip * x + c_out * F_x.to(torch.float32)

@@ -12,8 +12,10 @@ import torch
 from PIL import Image
 
 from patchdiff import distributed as dist
+from patchdiff.canvas import Canvas, centred_canvas, region_canvas
 from patchdiff.cli.checks import writable_dir, writable_file
 from patchdiff.generation import check_sampling_args, image_grid, iter_images, load, parse_seeds, to_pil
+from patchdiff.inpaint import Known
 from patchdiff.presets import SAMPLER_PRESETS, add_preset_flag
 from patchdiff.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, NETWORK_CALLS, SAMPLERS, resolve_sampler
 from patchdiff.training.checkpoint import atomic_write
@@ -81,7 +83,102 @@ def add_parser(subparsers) -> None:
         "--vae", metavar="ID|PATH", help="latent models: decode with this VAE, not the recorded one"
     )
     add_preset_flag(p, SAMPLER_PRESETS)
+    add_canvas_flags(p)
     p.set_defaults(func=run)
+
+
+def add_canvas_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "regions, canvases, in- and out-painting (sizes in the model's grid: latent cells for latent models)"
+    )
+    g.add_argument("--region", metavar="X0,Y0,H,W", help="sample this window of the training frame")
+    g.add_argument(
+        "--canvas",
+        metavar="H,W",
+        help="sample a larger frame, the training frame in its middle (coordinates past [-1, 1])",
+    )
+    g.add_argument(
+        "--tile",
+        action="store_true",
+        help="denoise the canvas as overlapping training-size windows, averaged at every step (MultiDiffusion)",
+    )
+    g.add_argument("--tile-stride", type=int, help="pixels between tiles (default: half the training size)")
+    g.add_argument(
+        "--tile-coords",
+        choices=["frame", "canvas"],
+        default="frame",
+        help="each tile gets the training frame's coordinates, or its own part of the canvas' (default: %(default)s)",
+    )
+    g.add_argument("--init", metavar="IMAGE", help="in-/out-paint around this image (centred in the canvas)")
+    g.add_argument(
+        "--mask", metavar="MASK", help="with --init: white = generate, black = keep (default: keep all)"
+    )
+    g.add_argument(
+        "--resample", type=int, default=0, help="with --init: resampling rounds per step (RePaint)"
+    )
+
+
+def int_tuple(text: str | None, flag: str, n: int) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != n:
+        raise ValueError(f"{flag} {text!r}: expected {n} comma-separated integers")
+    return values
+
+
+def canvas_from_args(args: argparse.Namespace, frame: tuple[int, int]) -> Canvas | None:
+    region = int_tuple(args.region, "--region", 4)
+    size = int_tuple(args.canvas, "--canvas", 2)
+    if region and (size or args.tile):
+        raise ValueError(
+            "--region samples a window of the training frame; it does not combine with --canvas or --tile"
+        )
+    if region:
+        x0, y0, h, w = region
+        return region_canvas(frame, x0, y0, h, w)
+    if args.tile_stride is not None and not args.tile:
+        raise ValueError(f"--tile-stride {args.tile_stride} needs --tile")
+    if not size and not args.tile:
+        return None
+    return centred_canvas(
+        frame, *(size or frame), tile=args.tile, stride=args.tile_stride, tile_coords=args.tile_coords
+    )
+
+
+def known_from_args(args: argparse.Namespace, model) -> Known | None:
+    if args.init is None:
+        for flag, value in (("--mask", args.mask), ("--resample", args.resample or None)):
+            if value is not None:
+                raise ValueError(f"{flag} {value} needs --init IMAGE")
+        return None
+    mode = "L" if model.img_channels == 1 else "RGB"
+    image = torch.from_numpy(np.asarray(read_image(args.init, "--init").convert(mode)).copy())
+    image = image[None] if image.ndim == 2 else image.permute(2, 0, 1)
+    generate = None
+    if args.mask is not None:
+        mask = read_image(args.mask, "--mask").convert("L")
+        if mask.size != (image.shape[2], image.shape[1]):
+            raise ValueError(
+                f"--mask {args.mask} is {mask.size[0]}x{mask.size[1]} (WxH) but --init {args.init} is "
+                f"{image.shape[2]}x{image.shape[1]}; give them one size"
+            )
+        generate = torch.from_numpy(np.asarray(mask) >= 128)
+    return Known(image.contiguous(), generate, args.resample)
+
+
+def read_image(path: str, flag: str) -> Image.Image:
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"{flag} {path}: cannot read it as an image ({type(error).__name__}: {error})"
+        ) from None
+    return image
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
             writable_file(Path(args.grid), "--grid")
     model = load(args.model, dev, vae=args.vae)
     kwargs = sampler_kwargs(args)
+    kwargs.update(canvas=canvas_from_args(args, model.image_size), known=known_from_args(args, model))
     check_sampling_args(model, seeds, args.batch, kwargs["num_steps"], args.class_label, args.cfg)
     made_outdir = not outdir.exists()
     outdir.mkdir(parents=True, exist_ok=True)

@@ -95,6 +95,13 @@ def add_parser(subparsers) -> None:
     g.add_argument("--latent", action="store_true", help="latent-space default sizes R/2,R")
     g.add_argument("--no-coords", action="store_true", help="leave out the coordinate channels")
     g.add_argument(
+        "--coord-embed",
+        type=int,
+        metavar="K",
+        help="also feed K sine/cosine frequencies of each coordinate (the published --embed_fq; 4K more "
+        "input channels; U-Nets only; default 0)",
+    )
+    g.add_argument(
         "--finish-full",
         type=float,
         default=0.0,
@@ -233,6 +240,7 @@ FIELD_OF_FLAG = {
     "batch_mult": "patch.batch_mult",
     "latent": "patch.latent",
     "no_coords": "patch.coords",
+    "coord_embed": "network.coord_embed",
     "noise_bands": "patch.noise_bands",
     "finish_full": "patch.finish_full",
     "duration": "duration_kimg",
@@ -287,7 +295,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         heads=args.heads,
         dit_patch=args.dit_patch,
         init_from=args.init_from,
+        coord_embed=args.coord_embed,
     )
+    if args.coord_embed and args.no_coords:
+        raise ValueError(
+            f"--coord-embed {args.coord_embed} embeds the coordinates that --no-coords leaves out; drop one"
+        )
     if (args.init_from or args.prediction) and args.arch != "diffusers-unet":
         raise ValueError(f"--init-from and --prediction need --arch diffusers-unet, not {args.arch!r}")
     if args.arch == "diffusers-unet" and not args.resume:  # a resumed run keeps its saved network config

@@ -110,6 +110,8 @@ class DiffusersUNet(nn.Module):
         diffusers = require_diffusers()
         if cfg.coord_channels not in (0, 2) or cfg.img_channels < 1:
             raise ValueError(f"img_channels={cfg.img_channels} must be >= 1, coord_channels 0 or 2")
+        if cfg.coord_embed:
+            raise ValueError(f"--coord-embed {cfg.coord_embed} is not offered for --arch diffusers-unet")
         self.cfg = cfg
         config = unet_build_config(cfg)
         try:

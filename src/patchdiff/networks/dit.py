@@ -146,6 +146,10 @@ def check_dit_config(cfg: NetworkConfig) -> None:
         raise ValueError(
             f"dropout={cfg.dropout} must be in [0, 1), label_dropout={cfg.label_dropout} in [0, 1]"
         )
+    if cfg.coord_embed:  # its coordinates are token positions already, coded with sines and cosines
+        raise ValueError(
+            f"--coord-embed {cfg.coord_embed} is for the U-Nets; --arch dit codes positions itself"
+        )
 
 
 class DiT(nn.Module):

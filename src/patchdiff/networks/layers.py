@@ -235,9 +235,10 @@ class ResBlock(nn.Module):
 
 def check_config(cfg: NetworkConfig) -> None:
     """Reject configurations no backbone can build, naming the field at fault."""
-    if cfg.img_channels < 1 or cfg.coord_channels < 0:
+    if cfg.img_channels < 1 or cfg.coord_channels < 0 or cfg.coord_embed < 0:
         raise ValueError(
-            f"img_channels={cfg.img_channels} must be >= 1 and coord_channels={cfg.coord_channels} >= 0"
+            f"img_channels={cfg.img_channels} must be >= 1, coord_channels={cfg.coord_channels} and "
+            f"coord_embed={cfg.coord_embed} >= 0"
         )
     if cfg.model_channels < 1 or not cfg.channel_mult or min(cfg.channel_mult) < 1:
         raise ValueError(
@@ -270,7 +271,8 @@ def check_input(cfg: NetworkConfig, x: torch.Tensor, noise_labels: torch.Tensor)
     if x.ndim != 4 or x.shape[1] != cfg.in_channels:
         raise ValueError(
             f"network input has shape {tuple(x.shape)}; expected [N, {cfg.in_channels}, H, W] "
-            f"(img_channels={cfg.img_channels} + coord_channels={cfg.coord_channels})"
+            f"(img_channels={cfg.img_channels} + coord_channels={cfg.coord_channels} with "
+            f"coord_embed={cfg.coord_embed} frequencies)"
         )
     H, W = x.shape[2], x.shape[3]
     m = cfg.min_crop

@@ -38,6 +38,7 @@ NON_NEGATIVE = (
 FIXED_ON_RESUME = ("network.arch", "network.model_channels", "network.channel_mult", "network.num_blocks")
 FIXED_ON_RESUME += ("network.attn_resolutions", "cond", "patch.coords", "network.depth", "network.width")
 FIXED_ON_RESUME += ("network.heads", "network.dit_patch", "network.prediction", "latent.norm")
+FIXED_ON_RESUME += ("network.coord_embed",)
 
 
 def check_config(cfg: TrainConfig) -> None:
