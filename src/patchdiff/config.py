@@ -53,6 +53,7 @@ class NetworkConfig:
     beta_start: float = 0.0001
     beta_end: float = 0.02
     num_train_timesteps: int = 1000
+    augment_dim: int = 0  # --augment: length of the augmentation label (augment.AUGMENT_DIM); 0 = none
 
     @property
     def in_channels(self) -> int:
@@ -192,6 +193,7 @@ class TrainConfig:
     max_bad_steps: int = 8  # consecutive non-finite losses before the run stops
     checkpoint_kimg: float = 0.0  # also write the resumable state every this many kimg (0 = off)
     checkpoint_minutes: float = 10.0  # ... and at least this often in wall-clock time (0 = off)
+    augment: float = 0.0  # non-leaking geometric augmentation: probability of each transform (augment.py)
 
 
 # --------------------------------------------------------------------------- JSON round trip

@@ -35,7 +35,11 @@ def build_denoiser(cfg: TrainConfig, pretrained: bool = True) -> Denoiser | VPDe
     if cfg.network.prediction != "edm":  # a pretrained epsilon / v network
         return VPDenoiser.from_config(net, cfg.network)
     return Denoiser(
-        net, cfg.loss.sigma_data, use_coords=cfg.network.coord_channels > 0, label_dim=cfg.network.label_dim
+        net,
+        cfg.loss.sigma_data,
+        use_coords=cfg.network.coord_channels > 0,
+        label_dim=cfg.network.label_dim,
+        augment_dim=cfg.network.augment_dim,
     )
 
 

@@ -43,21 +43,37 @@ class Denoiser(nn.Module):
     """The preconditioned denoiser D(x; sigma) over crops with coordinates.
 
     x [N, C, h, w] noisy crop, sigma scalar or [N], coords [N, 2, h, w] (default: the full-image grid
-    of an h x w image, as at sampling time), class_labels [N, label_dim] one-hot (zeros = none).
+    of an h x w image, as at sampling time), class_labels [N, label_dim] one-hot (zeros = none),
+    augment_labels [N, augment_dim] (--augment; None = zeros, the identity transform, as at sampling time).
     """
 
-    def __init__(self, net: nn.Module, sigma_data: float = 0.5, use_coords: bool = True, label_dim: int = 0):
+    def __init__(
+        self,
+        net: nn.Module,
+        sigma_data: float = 0.5,
+        use_coords: bool = True,
+        label_dim: int = 0,
+        augment_dim: int = 0,
+    ):
         super().__init__()
         self.net = net
         self.sigma_data = sigma_data
         self.use_coords = use_coords
         self.label_dim = label_dim
+        self.augment_dim = augment_dim
 
-    def forward(self, x: torch.Tensor, sigma, coords=None, class_labels=None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, sigma, coords=None, class_labels=None, augment_labels=None
+    ) -> torch.Tensor:
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
         sigma = sigma.expand(x.shape[0]) if sigma.numel() == 1 else sigma
         c_skip, c_out, c_in, c_noise = edm_scalings(sigma.reshape(-1, 1, 1, 1), self.sigma_data)
         net_in, labels = network_inputs(c_in * x, coords, class_labels, self.use_coords, self.label_dim)
-        F_x = self.net(net_in, c_noise.reshape(-1), labels)
+        if self.augment_dim:  # non-leaking augmentation: zeros (no transform) unless training says otherwise
+            if augment_labels is None or augment_labels.numel() == 0:
+                augment_labels = torch.zeros(x.shape[0], self.augment_dim, device=x.device)
+            F_x = self.net(net_in, c_noise.reshape(-1), labels, augment_labels=augment_labels.to(x.device))
+        else:
+            F_x = self.net(net_in, c_noise.reshape(-1), labels)
         return c_skip * x + c_out * F_x.to(torch.float32)

@@ -155,6 +155,12 @@ def add_parser(subparsers) -> None:
         help="probability of dropping the label, for classifier-free guidance (e.g. 0.1)",
     )
     g.add_argument("--xflip", action="store_true", help="add left-right flipped images")
+    g.add_argument(
+        "--augment",
+        type=float,
+        default=0.0,
+        help="non-leaking geometric augmentation (EDM): probability of each transform, e.g. 0.12 (0 = off)",
+    )
     g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     g.add_argument("--no-cache", action="store_true", help="do not keep decoded images in memory")
     g = p.add_argument_group("run")
@@ -325,6 +331,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         grad_clip=args.grad_clip,
         checkpoint_kimg=args.checkpoint,
         checkpoint_minutes=args.checkpoint_minutes,
+        augment=args.augment,
     )
 
 

@@ -57,7 +57,9 @@ def train_step(
     Returns the step's mean loss (a device tensor: no host sync) and the images per round."""
     optimizer.zero_grad(set_to_none=True)
     loss_sum, n = torch.zeros((), device=dev), 0
-    for r, (data, labels, top, left) in enumerate(rounds_data):
+    for r, batch in enumerate(rounds_data):
+        data, labels, top, left = batch[:4]
+        augment = batch[4] if len(batch) > 4 and batch[4] is not None and batch[4].numel() else None
         n = data.shape[0]
         if tuple(data.shape[-2:]) != tuple(crop):
             raise ValueError(f"a round of {tuple(data.shape[-2:])} crops in a step of {tuple(crop)} crops")
@@ -78,6 +80,7 @@ def train_step(
                     cfg.loss,
                     full_hw=cfg.image_size,
                     band=band,
+                    **({} if augment is None else dict(augment_labels=augment.to(dev, non_blocking=True))),
                 )
             scaler.scale(loss / rounds).backward()
         loss_sum += loss.detach() / rounds
