@@ -194,6 +194,8 @@ class TrainConfig:
     checkpoint_kimg: float = 0.0  # also write the resumable state every this many kimg (0 = off)
     checkpoint_minutes: float = 10.0  # ... and at least this often in wall-clock time (0 = off)
     augment: float = 0.0  # non-leaking geometric augmentation: probability of each transform (augment.py)
+    subset: int = 0  # train on this many images of the data set (0 = all; data/subset.py)
+    subset_seed: int = -1  # ... the first ones (< 0) or a random choice with this seed
 
 
 # --------------------------------------------------------------------------- JSON round trip

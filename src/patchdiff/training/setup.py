@@ -38,7 +38,7 @@ NON_NEGATIVE = (
 FIXED_ON_RESUME = ("network.arch", "network.model_channels", "network.channel_mult", "network.num_blocks")
 FIXED_ON_RESUME += ("network.attn_resolutions", "cond", "patch.coords", "network.depth", "network.width")
 FIXED_ON_RESUME += ("network.heads", "network.dit_patch", "network.prediction", "latent.norm")
-FIXED_ON_RESUME += ("network.augment_dim",)
+FIXED_ON_RESUME += ("network.augment_dim", "subset", "subset_seed")
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -279,6 +279,10 @@ def prepare(cfg: TrainConfig, resume: str | None, world: int, overrides=None, lo
                     "network has no augmentation input; drop --augment or start a new run"
                 )
         dataset = open_dataset(cfg.data, xflip=cfg.xflip, cache=cfg.cache)
+        if cfg.subset:
+            from patchdiff.data.subset import training_subset
+
+            dataset = training_subset(dataset, cfg.subset, cfg.subset_seed)
         cfg = resolve(resolve_latent(cfg, dataset), dataset)
         schedule = resolve_schedule(cfg.patch, tuple(cfg.image_size), cfg.network.min_crop)
         batch_gpu, rounds = batch_split(cfg, world)
