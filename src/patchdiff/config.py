@@ -56,6 +56,7 @@ class NetworkConfig:
     beta_start: float = 0.0001
     beta_end: float = 0.02
     num_train_timesteps: int = 1000
+    augment_dim: int = 0  # --augment: length of the augmentation label (augment.AUGMENT_DIM); 0 = none
 
     @property
     def in_channels(self) -> int:
@@ -197,6 +198,9 @@ class TrainConfig:
     checkpoint_kimg: float = 0.0  # also write the resumable state every this many kimg (0 = off)
     checkpoint_minutes: float = 10.0  # ... and at least this often in wall-clock time (0 = off)
     loggers: tuple[str, ...] = ()  # also log to "tensorboard" and/or "wandb" (training/loggers)
+    augment: float = 0.0  # non-leaking geometric augmentation: probability of each transform (augment.py)
+    subset: int = 0  # train on this many images of the data set (0 = all; data/subset.py)
+    subset_seed: int = -1  # ... the first ones (< 0) or a random choice with this seed
 
 
 # --------------------------------------------------------------------------- JSON round trip

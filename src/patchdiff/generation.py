@@ -42,6 +42,7 @@ def build_denoiser(cfg: TrainConfig, pretrained: bool = True) -> Denoiser | VPDe
         use_coords=cfg.network.coord_channels > 0,
         label_dim=cfg.network.label_dim,
         coord_embed=cfg.network.coord_embed,
+        augment_dim=cfg.network.augment_dim,
     )
 
 

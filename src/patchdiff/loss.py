@@ -85,11 +85,13 @@ def edm_loss(
     generator=None,
     full_hw: tuple[int, int] | None = None,
     band: tuple[float, float] | None = None,
+    augment_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The scalar loss for clean crops y [N, C, h, w] (in [-1, 1] or latent units) with their coords.
 
     `full_hw` is the (H, W) of the full image the crops come from; only the "published" scaling uses it.
-    `band`: draw sigma from these quantiles of its distribution (noise-banded crops, patching.noise_band)."""
+    `band`: draw sigma from these quantiles of its distribution (noise-banded crops, patching.noise_band).
+    `augment_labels`: the crops' augmentation labels [N, augment_dim] (--augment), or None."""
     cfg = cfg or LossConfig()
     scale = crop_scale((y.shape[2], y.shape[3]), full_hw, cfg.scaling)
     if band is None:
@@ -101,6 +103,9 @@ def edm_loss(
         sigma = inner.round_sigma(sigma)
     sigma = sigma.reshape(-1, 1, 1, 1)
     n = torch.randn(y.shape, device=y.device, generator=generator) * sigma
-    D = denoiser(y + n, sigma.reshape(-1), coords, class_labels)
+    if augment_labels is None:
+        D = denoiser(y + n, sigma.reshape(-1), coords, class_labels)
+    else:
+        D = denoiser(y + n, sigma.reshape(-1), coords, class_labels, augment_labels=augment_labels)
     weight = getattr(inner, "loss_weight", loss_weight)(sigma, cfg.sigma_data)
     return (weight * (D - y) ** 2).mean() * scale

@@ -44,7 +44,8 @@ class Denoiser(nn.Module):
     """The preconditioned denoiser D(x; sigma) over crops with coordinates.
 
     x [N, C, h, w] noisy crop, sigma scalar or [N], coords [N, 2, h, w] (default: the full-image grid
-    of an h x w image, as at sampling time), class_labels [N, label_dim] one-hot (zeros = none).
+    of an h x w image, as at sampling time), class_labels [N, label_dim] one-hot (zeros = none),
+    augment_labels [N, augment_dim] (--augment; None = zeros, the identity transform, as at sampling time).
     """
 
     def __init__(
@@ -54,6 +55,7 @@ class Denoiser(nn.Module):
         use_coords: bool = True,
         label_dim: int = 0,
         coord_embed: int = 0,  # K frequencies of each coordinate (patching.coordinate_features)
+        augment_dim: int = 0,
     ):
         super().__init__()
         self.net = net
@@ -61,8 +63,11 @@ class Denoiser(nn.Module):
         self.use_coords = use_coords
         self.label_dim = label_dim
         self.coord_embed = coord_embed
+        self.augment_dim = augment_dim
 
-    def forward(self, x: torch.Tensor, sigma, coords=None, class_labels=None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, sigma, coords=None, class_labels=None, augment_labels=None
+    ) -> torch.Tensor:
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
         sigma = sigma.expand(x.shape[0]) if sigma.numel() == 1 else sigma
@@ -70,5 +75,10 @@ class Denoiser(nn.Module):
         net_in, labels = network_inputs(
             c_in * x, coords, class_labels, self.use_coords, self.label_dim, self.coord_embed
         )
-        F_x = self.net(net_in, c_noise.reshape(-1), labels)
+        if self.augment_dim:  # non-leaking augmentation: zeros (no transform) unless training says otherwise
+            if augment_labels is None or augment_labels.numel() == 0:
+                augment_labels = torch.zeros(x.shape[0], self.augment_dim, device=x.device)
+            F_x = self.net(net_in, c_noise.reshape(-1), labels, augment_labels=augment_labels.to(x.device))
+        else:
+            F_x = self.net(net_in, c_noise.reshape(-1), labels)
         return c_skip * x + c_out * F_x.to(torch.float32)

@@ -163,6 +163,19 @@ def add_parser(subparsers) -> None:
         help="probability of dropping the label, for classifier-free guidance (e.g. 0.1)",
     )
     g.add_argument("--xflip", action="store_true", help="add left-right flipped images")
+    g.add_argument(
+        "--augment",
+        type=float,
+        default=0.0,
+        help="non-leaking geometric augmentation (EDM): probability of each transform, e.g. 0.12 (0 = off)",
+    )
+    g.add_argument("--subset", type=int, default=0, help="train on this many images of --data (0 = all)")
+    g.add_argument(
+        "--subset-seed",
+        type=int,
+        default=-1,
+        help="--subset: the first images (-1) or a random set with this seed",
+    )
     g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     g.add_argument("--no-cache", action="store_true", help="do not keep decoded images in memory")
     g = p.add_argument_group("run")
@@ -348,6 +361,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         checkpoint_kimg=args.checkpoint,
         checkpoint_minutes=args.checkpoint_minutes,
         loggers=parse_logger_names(args.logger),
+        augment=args.augment,
+        subset=args.subset,
+        subset_seed=args.subset_seed,
     )
 
 

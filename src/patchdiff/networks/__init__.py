@@ -38,6 +38,9 @@ ARCHITECTURES: dict[str, Callable[[NetworkConfig], nn.Module]] = {
     "diffusers-unet": DiffusersUNet,  # needs diffusers, imported when built
 }
 
+# The backbones with an augmentation-label input (--augment, augment.py).
+AUGMENT_ARCHITECTURES = ("ddpmpp", "ncsnpp", "adm")
+
 
 def build_network(cfg: NetworkConfig, pretrained: bool = False) -> nn.Module:
     """The backbone named by cfg.arch, freshly initialised (on the CPU, float32); with `pretrained`, the
@@ -45,6 +48,11 @@ def build_network(cfg: NetworkConfig, pretrained: bool = False) -> nn.Module:
     build = ARCHITECTURES.get(cfg.arch)
     if build is None:
         raise ValueError(f"unknown --arch {cfg.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    if cfg.augment_dim and cfg.arch not in AUGMENT_ARCHITECTURES:
+        raise ValueError(
+            f"--augment needs an augmentation-label input, which --arch {cfg.arch} lacks; "
+            f"use --arch {', '.join(AUGMENT_ARCHITECTURES)}, or drop --augment"
+        )
     net = build(cfg)
     if pretrained and cfg.init_from:
         if not isinstance(net, DiffusersUNet):

@@ -29,6 +29,7 @@ from patchdiff.networks.layers import (
     ResampleMode,
     ResBlock,
     attention_levels,
+    augment_map,
     check_config,
     check_input,
     conv,
@@ -60,6 +61,7 @@ class ADMUNet(nn.Module):
         self.map_layer0 = linear(mc, emb_channels, INIT)
         self.map_layer1 = linear(emb_channels, emb_channels, INIT)
         self.map_label = None
+        self.map_augment = augment_map(cfg.augment_dim, mc)  # --augment: added to the noise embedding
         if cfg.label_dim:
             self.map_label = nn.Linear(cfg.label_dim, emb_channels, bias=False)
             nn.init.normal_(self.map_label.weight)
@@ -116,15 +118,22 @@ class ADMUNet(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        noise_labels: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        augment_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x: [N, in_channels, H, W], noise_labels: [N], class_labels: [N, label_dim] or None
-        -> [N, img_channels, H, W]."""
+        """x: [N, in_channels, H, W], noise_labels: [N], class_labels: [N, label_dim] or None,
+        augment_labels: [N, augment_dim] or None (zeros) -> [N, img_channels, H, W]."""
         noise_labels = check_input(self.cfg, x, noise_labels)
         labels = label_input(self.cfg, class_labels, x.shape[0], x.device, self.training)
 
         dtype = self.map_layer0.weight.dtype  # float32 unless the whole network was cast
-        emb = self.map_layer1(F.silu(self.map_layer0(self.map_noise(noise_labels).to(dtype))))
+        emb = self.map_noise(noise_labels).to(dtype)  # [N, model_channels]
+        if self.map_augment is not None and augment_labels is not None:
+            emb = emb + self.map_augment(augment_labels.to(dtype))
+        emb = self.map_layer1(F.silu(self.map_layer0(emb)))
         if self.map_label is not None and labels is not None:
             emb = emb + self.map_label(labels.to(dtype))
         emb = F.silu(emb)  # [N, emb_channels]

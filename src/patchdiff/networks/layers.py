@@ -54,6 +54,17 @@ def linear(c_in: int, c_out: int, mode: InitMode, scale: float = 1.0, bias: bool
     return init_layer(nn.Linear(c_in, c_out, bias=bias), mode, scale)
 
 
+def augment_map(augment_dim: int, c_out: int) -> nn.Linear | None:
+    """The augmentation labels' map into the noise embedding (--augment; None without): linear, no bias,
+    so the zero label (no transform, as at sampling time) adds nothing. Weights ~ N(0, 1/augment_dim),
+    which gives a unit-scale label a unit-scale embedding."""
+    if not augment_dim:
+        return None
+    layer = nn.Linear(augment_dim, c_out, bias=False)
+    nn.init.normal_(layer.weight, std=augment_dim**-0.5)
+    return layer
+
+
 def group_norm(
     channels: int, eps: float, max_groups: int = 32, min_channels_per_group: int = 4
 ) -> nn.GroupNorm:

@@ -39,6 +39,7 @@ from patchdiff.networks.layers import (
     ResampleMode,
     ResBlock,
     attention_levels,
+    augment_map,
     check_config,
     check_input,
     conv,
@@ -92,6 +93,9 @@ class SongUNet(nn.Module):
         # null label stays the all-zero row: it maps to the bias alone, a learned "no class" embedding that
         # label dropout trains and classifier-free guidance uses.
         self.map_label = linear(cfg.label_dim, noise_channels, INIT) if cfg.label_dim else None
+        # Augmentation labels (--augment, augment.py): a linear map without bias, so the zero label of
+        # sampling (no transform) adds nothing.
+        self.map_augment = augment_map(cfg.augment_dim, noise_channels)
         self.map_layer0 = linear(noise_channels, emb_channels, INIT)
         self.map_layer1 = linear(emb_channels, emb_channels, INIT)
 
@@ -157,10 +161,14 @@ class SongUNet(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        noise_labels: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        augment_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x: [N, in_channels, H, W], noise_labels: [N], class_labels: [N, label_dim] or None
-        -> [N, img_channels, H, W]."""
+        """x: [N, in_channels, H, W], noise_labels: [N], class_labels: [N, label_dim] or None,
+        augment_labels: [N, augment_dim] or None (zeros) -> [N, img_channels, H, W]."""
         noise_labels = check_input(self.cfg, x, noise_labels)
         labels = label_input(self.cfg, class_labels, x.shape[0], x.device, self.training)
 
@@ -168,6 +176,8 @@ class SongUNet(nn.Module):
         emb = self.map_noise(noise_labels).to(dtype)  # [N, noise_channels]
         if self.map_label is not None and labels is not None:
             emb = emb + self.map_label(labels.to(dtype) * math.sqrt(self.cfg.label_dim))
+        if self.map_augment is not None and augment_labels is not None:
+            emb = emb + self.map_augment(augment_labels.to(dtype))
         emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))  # [N, emb_channels]
 
         aux = x

@@ -62,7 +62,9 @@ def train_step(
     # (`ddp` may then be the compiled denoiser, which has no no_sync).
     wrapped = getattr(ddp, "_orig_mod", ddp)  # torch.compile's wrapper around the model (or DDP)
     ddp_model = wrapped if isinstance(wrapped, DistributedDataParallel) else None
-    for r, (data, labels, top, left) in enumerate(rounds_data):
+    for r, batch in enumerate(rounds_data):
+        data, labels, top, left = batch[:4]
+        augment = batch[4] if len(batch) > 4 and batch[4] is not None and batch[4].numel() else None
         n = data.shape[0]
         if tuple(data.shape[-2:]) != tuple(crop):
             raise ValueError(f"a round of {tuple(data.shape[-2:])} crops in a step of {tuple(crop)} crops")
@@ -83,6 +85,7 @@ def train_step(
                     cfg.loss,
                     full_hw=cfg.image_size,
                     band=band,
+                    **({} if augment is None else dict(augment_labels=augment.to(dev, non_blocking=True))),
                 )
             scaler.scale(loss / rounds).backward()
         loss_sum += loss.detach() / rounds

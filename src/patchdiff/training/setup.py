@@ -39,6 +39,7 @@ FIXED_ON_RESUME = ("network.arch", "network.model_channels", "network.channel_mu
 FIXED_ON_RESUME += ("network.attn_resolutions", "cond", "patch.coords", "network.depth", "network.width")
 FIXED_ON_RESUME += ("network.heads", "network.dit_patch", "network.prediction", "latent.norm")
 FIXED_ON_RESUME += ("network.coord_embed",)
+FIXED_ON_RESUME += ("network.augment_dim", "subset", "subset_seed")
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -115,12 +116,14 @@ def resolve(cfg: TrainConfig, dataset: ImageDataset) -> TrainConfig:
     H, W = dataset.resolution
     if cfg.cond and not dataset.has_labels:
         raise ValueError(f"--cond needs class labels, but {cfg.data} has no dataset.json labels")
+    augment_dim = check_augment(cfg)
     net = dataclasses.replace(
         cfg.network,
         resolution=min(H, W),
         img_channels=dataset.num_channels,
         coord_channels=2 if cfg.patch.coords else 0,
         label_dim=dataset.num_classes if cfg.cond else 0,
+        augment_dim=augment_dim,
     )
     for name, value in (("H", H), ("W", W)):
         if value % net.min_crop:
@@ -129,6 +132,32 @@ def resolve(cfg: TrainConfig, dataset: ImageDataset) -> TrainConfig:
                 f"--cres {','.join(map(str, net.channel_mult))} needs; convert with `patchdiff dataset --resolution`"
             )
     return dataclasses.replace(cfg, network=net, image_size=(H, W))
+
+
+def check_augment(cfg: TrainConfig) -> int:
+    """--augment p: checked against the data and the backbone; returns the network's augment_dim.
+
+    Latent sets are refused: a rotation or scaling of a VAE latent is not the latent of the rotated image.
+    A run trained with augmentation keeps its label input when resumed with --augment 0."""
+    from patchdiff.augment import AUGMENT_DIM
+    from patchdiff.networks import AUGMENT_ARCHITECTURES
+
+    p = cfg.augment
+    if not (math.isfinite(p) and 0.0 <= p <= 1.0):
+        raise ValueError(f"--augment {p}: must be a probability in [0, 1]")
+    if p == 0:
+        return cfg.network.augment_dim
+    if cfg.latent.vae:
+        raise ValueError(
+            f"--augment {p}: {cfg.data} is a latent data set, and geometric transforms of latents are not "
+            "latents of transformed images; drop --augment or train on pixels"
+        )
+    if cfg.network.arch not in AUGMENT_ARCHITECTURES:
+        raise ValueError(
+            f"--augment {p} needs an augmentation-label input, which --arch {cfg.network.arch} lacks; "
+            f"use --arch {', '.join(AUGMENT_ARCHITECTURES)}, or drop --augment"
+        )
+    return AUGMENT_DIM
 
 
 def batch_split(cfg: TrainConfig, world: int) -> tuple[int, int]:
@@ -152,7 +181,9 @@ def make_plan(
     per_step = tuple(
         schedule.images_per_round(batch_gpu, i) * rounds * world for i in range(len(schedule.sizes))
     )
-    return StepPlan(schedule, cfg.seed, per_step, cfg.duration_kimg * 1000, tuple(saved_bounds))
+    return StepPlan(
+        schedule, cfg.seed, per_step, cfg.duration_kimg * 1000, tuple(saved_bounds), augment=cfg.augment
+    )
 
 
 def new_run_dir(cfg: TrainConfig) -> Path:
@@ -244,7 +275,16 @@ def prepare(cfg: TrainConfig, resume: str | None, world: int, overrides=None, lo
         if state_path is not None:
             state, counters, cfg, changes = read_resumed(state_path, cfg, overrides)
             check_config(cfg)
+            if cfg.augment > 0 and not cfg.network.augment_dim:
+                raise ValueError(
+                    f"--augment {cfg.augment}: the resumed run {state_path} was trained without it, so its "
+                    "network has no augmentation input; drop --augment or start a new run"
+                )
         dataset = open_dataset(cfg.data, xflip=cfg.xflip, cache=cfg.cache)
+        if cfg.subset:
+            from patchdiff.data.subset import training_subset
+
+            dataset = training_subset(dataset, cfg.subset, cfg.subset_seed)
         cfg = resolve(resolve_latent(cfg, dataset), dataset)
         schedule = resolve_schedule(cfg.patch, tuple(cfg.image_size), cfg.network.min_crop)
         batch_gpu, rounds = batch_split(cfg, world)

@@ -23,9 +23,15 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from patchdiff import augment
 from patchdiff.patching import PatchSchedule
 
-STEP_STREAM, EPOCH_STREAM, CROP_STREAM = 1, 2, 3  # keep the seeds of different purposes apart
+STEP_STREAM, EPOCH_STREAM, CROP_STREAM, AUGMENT_STREAM = (
+    1,
+    2,
+    3,
+    4,
+)  # keep the seeds of different purposes apart
 
 
 def derive_seed(*keys: int) -> int:
@@ -56,24 +62,37 @@ def crop_offsets(
     return rng.integers(0, [H - h + 1, W - w + 1], size=(count, 2), dtype=np.int64)
 
 
+def augment_params(
+    seed: int, rank: int, step: int, round_: int, count: int, p: float, full: tuple[int, int]
+) -> np.ndarray:
+    """--augment p: the transform parameters of each of a round's `count` images, float64 [count,
+    augment.PARAM_DIM], seeded like `crop_offsets` (slot i depends on its seed and i only)."""
+    rng = np.random.default_rng(derive_seed(seed, AUGMENT_STREAM, rank, step, round_))
+    return augment.draw_params(rng, p, count, full)
+
+
 class CropKey(NamedTuple):
-    """What the sampler hands a loader worker: an image of the data set and the window to cut from it."""
+    """What the sampler hands a loader worker: an image of the data set and the window to cut from it;
+    with --augment, the parameters of the transform applied to the whole image first."""
 
     index: int
     top: int
     left: int
     height: int
     width: int
+    augment: tuple[float, ...] = ()
 
 
 class Crop(NamedTuple):
     """One crop and where it lies in its image; collated, the same fields batched: data [B, ...] (uint8
-    pixels [B, C, h, w] or float16 latent mean and std [B, 2, C, h, w]), label, top and left int64 [B]."""
+    pixels [B, C, h, w] or float16 latent mean and std [B, 2, C, h, w]), label, top and left int64 [B],
+    augment: the network's augmentation labels [B, AUGMENT_DIM] (with --augment; else [B, 0])."""
 
     data: torch.Tensor
     label: int | torch.Tensor
     top: int | torch.Tensor
     left: int | torch.Tensor
+    augment: torch.Tensor | None = None
 
 
 def cut(data: torch.Tensor, top: int, left: int, size: tuple[int, int]) -> torch.Tensor:
@@ -99,7 +118,12 @@ class CropDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key: CropKey) -> Crop:
         data, label = self.dataset[key.index]
-        return Crop(cut(data, key.top, key.left, (key.height, key.width)), label, key.top, key.left)
+        labels = torch.zeros(0)
+        if key.augment:  # the whole image first, then its crop: the coordinates stay those of the image
+            params = np.asarray(key.augment)
+            data = augment.apply(data, params)
+            labels = augment.augment_labels(params, tuple(data.shape[-2:]))
+        return Crop(cut(data, key.top, key.left, (key.height, key.width)), label, key.top, key.left, labels)
 
 
 @dataclass(frozen=True)
@@ -115,6 +139,7 @@ class StepPlan:
     images_per_step: tuple[int, ...]  # per crop size: all processes and accumulation rounds together
     duration_nimg: float
     saved_bounds: tuple[int, ...] = ()  # a resumed run's phase boundaries: its phases never move
+    augment: float = 0.0  # --augment: probability of each geometric transform (0 = none)
 
     @property
     def phase_bounds(self) -> list[int]:
@@ -217,6 +242,11 @@ class StreamSampler(torch.utils.data.Sampler):
             for r in range(self.rounds):
                 images = self._indices(pos + self.rank * n, n)
                 offsets = crop_offsets(self.plan.seed, self.rank, step, r, n, schedule.image_size, (h, w))
-                yield [CropKey(i, t, l, h, w) for i, (t, l) in zip(images, offsets.tolist(), strict=True)]
+                keys = [CropKey(i, t, l, h, w) for i, (t, l) in zip(images, offsets.tolist(), strict=True)]
+                if self.plan.augment > 0:
+                    p, full = self.plan.augment, schedule.image_size
+                    params = augment_params(self.plan.seed, self.rank, step, r, n, p, full)
+                    keys = [k._replace(augment=tuple(q)) for k, q in zip(keys, params.tolist(), strict=True)]
+                yield keys
                 pos += n * self.world
             step += 1
