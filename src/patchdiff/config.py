@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Arch = Literal["ddpmpp", "ncsnpp", "adm", "dit", "diffusers-unet"]
+Arch = Literal["ddpmpp", "ncsnpp", "adm", "dit", "diffusers-unet", "edm2"]
 # What the backbone predicts: EDM's F (preconditioned as in EDM Table 1), or a pretrained VP model's
 # noise (epsilon) or velocity (v), wrapped by precond_vp.VPDenoiser.
 Prediction = Literal["edm", "epsilon", "v_prediction"]
@@ -89,8 +89,21 @@ DIT_SIZES: dict[str, tuple[int, int, int]] = {
 }
 
 
+# EDM2 sizes (Karras et al. 2024, Table 2 widths; 3 blocks per level, channels 1,2,3,4 x base, attention
+# at 16 and 8), and a tiny one for a CPU: model_channels, channel_mult, num_blocks, attn_resolutions.
+EDM2_SIZES: dict[str, tuple[int, tuple[int, ...], int, tuple[int, ...]]] = {
+    "XS": (128, (1, 2, 3, 4), 3, (16, 8)),
+    "S": (192, (1, 2, 3, 4), 3, (16, 8)),
+    "tiny": (32, (1, 2, 2, 2), 1, (16,)),  # laid out like the CPU DDPM++ of benchmarks/throughput.py
+}
+
+
 def network_preset(
-    arch: Arch, resolution: int = 64, dit_size: str | None = None, **overrides: Any
+    arch: Arch,
+    resolution: int = 64,
+    dit_size: str | None = None,
+    edm2_size: str | None = None,
+    **overrides: Any,
 ) -> NetworkConfig:
     """The paper presets. DDPM++/NCSN++ as configured by EDM at 64x64; ADM as in Dhariwal & Nichol; DiT
     sizes S/B/L/XL (`dit_size`, default S) with patch 2 and no dropout, as in Peebles & Xie; a diffusers
@@ -106,6 +119,13 @@ def network_preset(
         base = dict(depth=depth, width=width, heads=heads, dit_patch=2, dropout=0.0)
     elif arch == "diffusers-unet":
         base = dict(model_channels=128, channel_mult=(1, 2, 2, 2), num_blocks=2, attn_resolutions=(16,))
+    elif arch == "edm2":
+        if (edm2_size or "XS") not in EDM2_SIZES:
+            raise ValueError(f"unknown --edm2-size {edm2_size!r}; choose one of {', '.join(EDM2_SIZES)}")
+        mc, mult, blocks, attn = EDM2_SIZES[edm2_size or "XS"]
+        base = dict(
+            model_channels=mc, channel_mult=mult, num_blocks=blocks, attn_resolutions=attn, dropout=0.0
+        )
     else:
         raise ValueError(f"unknown --arch {arch!r}; choose one of {', '.join(typing.get_args(Arch))}")
     base.update({k: v for k, v in overrides.items() if v is not None})

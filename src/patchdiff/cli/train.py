@@ -7,7 +7,15 @@ import dataclasses
 import os
 import sys
 
-from patchdiff.config import DIT_SIZES, LatentConfig, LossConfig, PatchConfig, TrainConfig, network_preset
+from patchdiff.config import (
+    DIT_SIZES,
+    EDM2_SIZES,
+    LatentConfig,
+    LossConfig,
+    PatchConfig,
+    TrainConfig,
+    network_preset,
+)
 from patchdiff.presets import TRAIN_PRESETS, add_preset_flag
 from patchdiff.training.loggers import parse_logger_names
 
@@ -34,7 +42,7 @@ def add_network_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("network")
     g.add_argument(
         "--arch",
-        choices=["ddpmpp", "ncsnpp", "adm", "dit", "diffusers-unet"],
+        choices=["ddpmpp", "ncsnpp", "adm", "dit", "diffusers-unet", "edm2"],
         default="ddpmpp",
         help="backbone preset",
     )
@@ -42,7 +50,12 @@ def add_network_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cres", type=int_list, help="channel multipliers per level, e.g. 1,2,2,2")
     g.add_argument("--blocks", type=int, help="residual blocks per level")
     g.add_argument("--attn", type=int_list, help="full-image resolutions with self-attention, e.g. 16")
-    g.add_argument("--dropout", type=float, help="dropout probability (preset: 0.10; dit 0)")
+    g.add_argument("--dropout", type=float, help="dropout probability (preset: 0.10; dit, edm2 0)")
+    g.add_argument(
+        "--edm2-size",
+        choices=list(EDM2_SIZES),
+        help="EDM2 preset width/depth (default XS; tiny for a CPU); --cbase etc. override it",
+    )
     add_backbone_flags(p)
 
 
@@ -303,6 +316,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         dropout=args.dropout,
         label_dropout=args.label_dropout,
         dit_size=args.dit_size,
+        edm2_size=args.edm2_size,
         depth=args.depth,
         width=args.width,
         heads=args.heads,

@@ -1,5 +1,5 @@
 """The denoiser backbones: DDPM++ and NCSN++ (Song et al. 2021) and ADM (Dhariwal & Nichol 2021), all as
-configured by EDM. Every backbone is called as
+configured by EDM, and the magnitude-preserving U-Net of EDM2 (Karras et al. 2024). Every backbone is called as
 
     y = net(x, noise_labels, class_labels=None)
     # x: [N, img_channels + coord_channels, H, W], H and W multiples of cfg.min_crop
@@ -17,6 +17,7 @@ from patchdiff.config import NetworkConfig
 from patchdiff.networks.adm import ADMUNet
 from patchdiff.networks.diffusers_unet import DiffusersUNet, load_pretrained
 from patchdiff.networks.dit import DiT
+from patchdiff.networks.edm2 import EDM2UNet
 from patchdiff.networks.songunet import SongUNet, ddpmpp, ncsnpp
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "ADMUNet",
     "DiT",
     "DiffusersUNet",
+    "EDM2UNet",
     "SongUNet",
     "build_network",
     "count_parameters",
@@ -36,6 +38,7 @@ ARCHITECTURES: dict[str, Callable[[NetworkConfig], nn.Module]] = {
     "adm": ADMUNet,
     "dit": DiT,
     "diffusers-unet": DiffusersUNet,  # needs diffusers, imported when built
+    "edm2": EDM2UNet,
 }
 
 # The backbones with an augmentation-label input (--augment, augment.py).

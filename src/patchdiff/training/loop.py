@@ -25,6 +25,7 @@ from patchdiff.generation import build_denoiser
 from patchdiff.latent import prepare_batch
 from patchdiff.loss import edm_loss
 from patchdiff.networks import count_parameters
+from patchdiff.networks.edm2 import renormalize_weights_
 from patchdiff.patching import crop_coords
 from patchdiff.training.run import NonFiniteLossError, Run
 from patchdiff.training.setup import RUN_CONTROL, batch_split, make_plan, prepare, resolve
@@ -99,6 +100,8 @@ def train_step(
         torch.nn.utils.clip_grad_norm_(denoiser.parameters(), cfg.grad_clip)
     scaler.step(optimizer)
     scaler.update()
+    if cfg.network.arch == "edm2":  # forced weight normalisation of the stored weights (EDM2, Sec. 3)
+        renormalize_weights_(denoiser)
     return loss_sum, n
 
 
