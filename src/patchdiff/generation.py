@@ -282,7 +282,7 @@ def check_canvas(model: Model, canvas: Canvas) -> None:
         )
     m = model.config.network.min_crop
     H, W = canvas.size
-    if H % m or W % m:
+    if (H % m or W % m) and canvas.size != model.image_size:  # the training frame itself always fits
         raise ValueError(
             f"a {H}x{W} region or canvas does not fit this network, which needs sides that are multiples of {m}"
             + (" latent cells" if model.config.latent.vae else " pixels")
