@@ -2,7 +2,14 @@ import pytest
 import torch
 
 from patchdiff.config import NetworkConfig, PatchConfig, TrainConfig, network_preset
-from patchdiff.flops import kimg_for_budget, schedule_flops_per_image, step_flops_per_image, training_flops
+from patchdiff.flops import (
+    attention_backward_flops,
+    attention_flops,
+    kimg_for_budget,
+    schedule_flops_per_image,
+    step_flops_per_image,
+    training_flops,
+)
 from patchdiff.patching import resolve_schedule
 from patchdiff.precond import Denoiser
 
@@ -28,6 +35,42 @@ def test_conv_only_count_matches_closed_form():
     # network's input needs no gradient).
     expected = (fa + fb) + fa + 2 * fb
     assert step_flops_per_image(denoiser, C, (h, w), batch=3) == expected
+
+
+class ConvAttention(torch.nn.Module):
+    """A 1x1 conv, then self-attention over the pixels (one head, the channels as its width)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(channels, channels, 1, bias=False)
+
+    def forward(self, x, noise_labels, class_labels=None):
+        N, C, h, w = x.shape
+        # [N, heads, tokens, C], contiguous: a strided last dimension would take the unfused (bmm) path.
+        t = self.conv(x).reshape(N, 1, C, h * w).transpose(2, 3).contiguous()
+        y = torch.nn.functional.scaled_dot_product_attention(t, t, t)
+        return y.transpose(2, 3).reshape(N, C, h, w)
+
+
+def test_attention_is_counted_on_the_cpu():
+    """The CPU's fused attention op counts as its closed form 4 B H L^2 D forward (Q K^T and P V) and
+    10 B H L^2 D backward, as torch counts the GPU's; before, it counted 0."""
+    C, h, w = 4, 3, 5
+    L = h * w
+    denoiser = Denoiser(ConvAttention(C), use_coords=False)
+    conv = 2 * C * C * L  # forward, and again for the weight gradient (the input needs none)
+    expected = 2 * conv + 4 * L * L * C + 10 * L * L * C
+    assert step_flops_per_image(denoiser, C, (h, w), batch=2) == expected
+
+
+def test_attention_closed_form_matches_torchs_gpu_formula():
+    from torch.utils import flop_counter
+
+    q, k, v = (2, 4, 9, 8), (2, 4, 7, 8), (2, 4, 7, 16)
+    assert attention_flops(q, k, v) == flop_counter.sdpa_flop_count(q, k, v) == 2 * 2 * 4 * 9 * 7 * (8 + 16)
+    assert attention_backward_flops((2, 4, 9, 16), q, k, v) == flop_counter.sdpa_backward_flop_count(
+        (2, 4, 9, 16), q, k, v
+    )
 
 
 def test_half_size_crop_costs_a_quarter_on_a_unet():

@@ -216,3 +216,34 @@ def test_dpmpp_images_depend_only_on_their_seeds(tiny_model, name):
     assert (batched.int() - again.int()).abs().max() <= 1
     assert torch.equal(generate(tiny_model, [4], batch_size=1, num_steps=5, sampler=name), one_by_one[1:2])
     assert not torch.equal(one_by_one[0], one_by_one[1])
+
+
+def test_dpmpp_3m_step_is_the_exact_integral_of_the_quadratic():
+    """D quadratic in lambda: the 3M step equals the exact solution (quadrature of the integral), and the
+    variant with half the curvature term (k-diffusion's dpmpp_3m_sde at eta = 0) does not."""
+    from patchdiff.sampling import dpmpp_update
+
+    sig = [3.0, 1.7, 1.0, 0.45]  # two earlier points, the current one, the target
+    lam = [-math.log(s) for s in sig]
+    c0, c1, c2 = 0.3, -0.8, 0.5
+
+    def D(l):  # a quadratic around the current point lambda_2
+        return torch.tensor([c0 + c1 * (l - lam[2]) + c2 * (l - lam[2]) ** 2], dtype=torch.float64)
+
+    x = torch.tensor([1.234], dtype=torch.float64)
+    ours = float(
+        dpmpp_update(x, sig[2], sig[3], [(lam[2], D(lam[2])), (lam[1], D(lam[1])), (lam[0], D(lam[0]))])
+    )
+    # x_t = (sigma_t / sigma_s) x_s + sigma_t int e^lambda D(lambda) dlambda, by the midpoint rule.
+    n = 200_000
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n * (lam[3] - lam[2]) + lam[2]
+    integral = float(
+        (u.exp() * (c0 + c1 * (u - lam[2]) + c2 * (u - lam[2]) ** 2)).sum() * (lam[3] - lam[2]) / n
+    )
+    exact = sig[3] / sig[2] * 1.234 + sig[3] * integral
+    assert ours == pytest.approx(exact, abs=1e-9)
+    h = lam[3] - lam[2]
+    halved = (
+        ours - (h * h / 2 - h + -math.expm1(-h)) * c2
+    )  # the curvature term with f012 = c2 instead of 2 c2
+    assert abs(halved - exact) > 1e-3

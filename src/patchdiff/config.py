@@ -134,7 +134,8 @@ def network_preset(
 
 def latent_imagenet256_presets() -> dict[str, NetworkConfig]:
     """DiT-B/2 and DiT-XL/2 on ImageNet-256 latents (the SD VAE's 32x32x4), 1000 classes with label
-    dropout 0.1 for classifier-free guidance, as in DiT and the Patch Diffusion paper's latent runs."""
+    dropout 0.1 for classifier-free guidance, as in DiT. Not the Patch Diffusion paper's latent runs,
+    which used ADM (`--preset imagenet256-latent`): a transformer alternative, untested against it."""
     common = dict(img_channels=4, label_dim=1000, label_dropout=0.1, dit_patch=2)
     return {
         "DiT-B/2": network_preset("dit", 32, dit_size="B", **common),

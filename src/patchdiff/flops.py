@@ -4,7 +4,9 @@ FLOPs of one training step are counted with `torch.utils.flop_counter.FlopCounte
 denoiser: the forward pass and the backward pass of the EDM loss over a batch of crops, divided by
 the number of crops. The counter sees the matrix products and convolutions (which dominate a U-Net);
 element-wise work (normalisation, activations, the loss itself) is not counted. A multiply-add
-counts as 2 FLOPs.
+counts as 2 FLOPs. Attention through scaled_dot_product_attention runs as one fused op; torch knows
+the CUDA ones, but not the CPU's (`_scaled_dot_product_flash_attention_for_cpu`), which it would count
+as 0, so the counter is given that op's closed form (attention_flops): the same count as on a GPU.
 
 The expected cost of one training image under a crop schedule, with images per step n_i = batch_mult_i
 per base image (R/P_i by default) and probabilities p_i:
@@ -28,6 +30,33 @@ from patchdiff.loss import edm_loss
 from patchdiff.patching import PatchSchedule, coordinate_grid, resolve_schedule
 
 
+def attention_flops(query, key, value) -> int:
+    """Q K^T and P V for shapes [B, H, Lq, D], [B, Hkv, Lk, D], [B, Hkv, Lk, Dv] (H a multiple of Hkv):
+    2 B H Lq Lk (D + Dv), i.e. 4 B H Lq Lk D when Dv = D."""
+    B, H, Lq, D = query
+    Lk, Dv = key[2], value[3]
+    return 2 * B * H * Lq * Lk * (D + Dv)
+
+
+def attention_backward_flops(grad_out, query, key, value) -> int:
+    """The fused backward: Q K^T again, then dO V^T, P^T dO, dS K and dS^T Q, 2 B H Lq Lk (3 D + 2 Dv)
+    (10 B H Lq Lk D when Dv = D), as torch counts its GPU attention ops."""
+    B, H, Lq, D = query
+    Lk, Dv = key[2], value[3]
+    return 2 * B * H * Lq * Lk * (3 * D + 2 * Dv)
+
+
+# The CPU's fused attention ops, which torch's counter has no formula for; the counter passes shapes.
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: (
+        lambda q, k, v, *args, out_shape=None, **kwargs: attention_flops(q, k, v)
+    ),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: (
+        lambda g, q, k, v, *args, out_shape=None, **kwargs: attention_backward_flops(g, q, k, v)
+    ),
+}
+
+
 def step_flops_per_image(denoiser, channels: int, crop_hw: tuple[int, int], batch: int = 2) -> float:
     """Counted FLOPs of forward + backward of the training loss, per crop of `channels` x crop_hw.
 
@@ -38,7 +67,7 @@ def step_flops_per_image(denoiser, channels: int, crop_hw: tuple[int, int], batc
     labels = torch.zeros(batch, denoiser.label_dim) if denoiser.label_dim else None
     was_training = denoiser.training
     denoiser.train()
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
     with counter:
         loss = edm_loss(denoiser, y, coords, labels, LossConfig(), generator=torch.Generator().manual_seed(0))
         loss.backward()

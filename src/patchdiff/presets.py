@@ -3,7 +3,7 @@
 A preset is a set of flag values (by their argparse names) applied as defaults: a flag given on the
 command line wins, whether it comes before or after --preset. The values follow the paper's published
 README for its latent-space runs (ADM on 32x32x4 Stable Diffusion VAE latents, 8 GPUs), converted to this
-project's units: that README's --duration and --ema are in Mimg (EDM's units), ours in kimg, so
+project's units (one deliberate difference, label dropout, is explained at the ImageNet preset): that README's --duration and --ema are in Mimg (EDM's units), ours in kimg, so
 --ema=50 there is a half-life of 50,000 kimg here. Its fp16 with loss scaling becomes bf16 here.
 
     torchrun --standalone --nproc_per_node 8 -m patchdiff train --data LATENTS --outdir runs \\
@@ -38,6 +38,10 @@ _LATENT_ADM = dict(
 
 TRAIN_PRESETS: Mapping[str, Preset] = MappingProxyType(
     {
+        # label_dropout 0.1 where the published code trains with none (0): the paper samples this model
+        # with classifier-free guidance (adm-latent: cfg 1.3), and guidance needs an unconditional
+        # model, which only training with dropped labels provides (Ho & Salimans 2022; 10% as in DiT).
+        # With 0, the null-label output is never trained and guided samples are unreliable.
         "imagenet256-latent": Preset(
             "ImageNet-256 in the SD VAE's latent space: class-conditional ADM, label dropout 0.1, batch 4096, "
             "2.5M kimg",

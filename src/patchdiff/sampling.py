@@ -108,7 +108,8 @@ def dpmpp_update(
       order 2: the paper's 2M update (Algorithm 2): D ~ (1 + 1/2r) D_0 - 1/2r D_1, r = h_prev / h;
       order 3: D(lambda_s + u) ~ D_0 + u D' + u^2/2 D'', integrated exactly with
                int_0^h e^(u-h) u du = h - phi1,  int_0^h e^(u-h) u^2/2 du = h^2/2 - h + phi1,
-               phi1 = 1 - e^-h; D', D'' from divided differences on the uneven lambda grid."""
+               phi1 = 1 - e^-h; D', D'' from divided differences on the uneven lambda grid. This is the
+               exact integral of the quadratic, not k-diffusion's 3M, whose last term has half of D''."""
     h = math.log(sigma_cur / sigma_next)
     phi1 = -math.expm1(-h)
     (lam0, D0), earlier = history[0], history[1:]

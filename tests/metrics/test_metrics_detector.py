@@ -1,6 +1,7 @@
 """The detector: calling conventions, resize, grayscale, discovery, download and its errors."""
 
 import hashlib
+import re
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,53 @@ def test_bad_detector_files_and_conventions(tmp_path):
         load_detector(tf, "cpu", "nvidia")
     with pytest.raises(ValueError, match="--detector-input"):
         load_detector(tf, "cpu", "tensorflow")  # type: ignore[arg-type]
+
+
+def test_torchs_notices_about_torchscript_are_not_passed_on(tmp_path, monkeypatch):
+    """torch 2.13 warns (DeprecationWarning) that torch.jit.load is deprecated, 2.14 with a FutureWarning,
+    on Python 3.14 that it "may break": none of it reaches the user (it became a second line of every
+    one-line `patchdiff fid` error)."""
+    import warnings
+
+    path = save_scripted(TinyNvidiaDetector(), tmp_path / "tiny.pt")
+    real_load = torch.jit.load
+
+    def noisy_load(*args, **kwargs):
+        warnings.warn(
+            "`torch.jit.load` is deprecated. Please switch to `torch.export`.", FutureWarning, stacklevel=2
+        )
+        warnings.warn(
+            "`torch.jit.load` is deprecated. Please switch to `torch.export`.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        warnings.warn(
+            "`torch.jit.load` is not supported in Python 3.14+ and may break.", UserWarning, stacklevel=2
+        )
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch.jit, "load", noisy_load)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        det = load_detector(path, "cpu")
+    assert det.feature_dim == 16 and [str(w.message) for w in caught] == []
+
+
+def test_a_torch_without_torchscript_gets_one_line(tmp_path, monkeypatch, landscapes, capsys):
+    from patchdiff.cli import main
+
+    path = save_scripted(TinyNvidiaDetector(), tmp_path / "tiny.pt")
+    monkeypatch.delattr(torch.jit, "load")  # TorchScript removed from torch
+    with pytest.raises(RuntimeError, match=re.escape(f"torch {torch.__version__} cannot load TorchScript")):
+        load_detector(path, "cpu")
+    argv = ["fid", "ref", "--data", str(landscapes), "--dest", str(tmp_path / "ref.npz"), "--detector", path]
+    assert main([*argv, "--device", "cpu", "--no-progress", "--workers", "0"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "tiny.pt is a TorchScript file" in err[0], err
+
+    def removed(*args, **kwargs):  # or the name kept, the loader gone
+        raise NotImplementedError("TorchScript is no longer supported")
+
+    monkeypatch.setattr(torch.jit, "load", removed, raising=False)
+    with pytest.raises(RuntimeError, match="cannot load TorchScript"):
+        load_detector(path, "cpu")

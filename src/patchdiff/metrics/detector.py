@@ -185,6 +185,34 @@ class Detector:
         return features.to(torch.float32)
 
 
+def load_torchscript(file: Path, device: torch.device) -> torch.jit.ScriptModule:
+    """torch.jit.load, without torch's notices about TorchScript's future.
+
+    The published detectors exist only as TorchScript files, so the notices (a DeprecationWarning in
+    torch 2.13, a FutureWarning in 2.14, "not supported in Python 3.14+") are ours to act on, not the
+    user's: shown, they add lines to every `patchdiff fid` run and to its one-line errors. A torch
+    without TorchScript gets one line saying so (the detector would need a torch that has it)."""
+    load = getattr(getattr(torch, "jit", None), "load", None)
+    if load is None:
+        raise NoTorchScriptError(file)
+    with warnings.catch_warnings():
+        for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+            warnings.simplefilter("ignore", category)
+        warnings.filterwarnings("ignore", message=r".*torch\.jit")  # whatever category a later torch uses
+        try:
+            return load(str(file), map_location=device)
+        except NotImplementedError as error:  # a torch that keeps the name but no longer loads TorchScript
+            raise NoTorchScriptError(file) from error
+
+
+class NoTorchScriptError(RuntimeError):
+    def __init__(self, file: Path):
+        super().__init__(
+            f"detector {file} is a TorchScript file, and torch {torch.__version__} cannot load TorchScript; "
+            "compute FID with a torch version that still has torch.jit.load"
+        )
+
+
 def load_detector(
     path: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
@@ -196,13 +224,9 @@ def load_detector(
     file = resolve_detector_path(path)
     device = torch.device(device)
     try:
-        # The published detectors are TorchScript files; torch's notice that jit is deprecated is ours to
-        # handle, not the user's, so it is not shown.
-        with warnings.catch_warnings():
-            warnings.filterwarnings(
-                "ignore", message=".*torch.jit.load.*deprecated", category=DeprecationWarning
-            )
-            net = torch.jit.load(str(file), map_location=device)
+        net = load_torchscript(file, device)
+    except NoTorchScriptError:
+        raise
     except (RuntimeError, ValueError, OSError) as error:
         reason = str(error).strip().split(". ")[0]  # torch's first sentence; the rest is generic advice
         raise RuntimeError(
