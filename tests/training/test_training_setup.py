@@ -66,6 +66,11 @@ def test_a_resumed_command_line_keeps_the_saved_settings(landscapes, tmp_path, c
     # The network cannot change under a resumed run.
     assert main([*base, "--resume", "auto", "--cbase", "16"]) == 2
     assert "a resumed run keeps its network" in capsys.readouterr().err
+    # Nor can what counts its images step by step: kimg, LR ramp, EMA and phases of past steps would jump.
+    for flag, value, path in (("--batch", "16", "batch"), ("--seed", "1", "seed")):
+        assert main([*base, "--resume", "auto", flag, value]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{path} is " in err[0] and "the images seen so far" in err[0], err
 
 
 def test_patch_probs_apply_to_the_default_sizes(landscapes, tmp_path, capsys):

@@ -38,6 +38,10 @@ NON_NEGATIVE = (
 FIXED_ON_RESUME = ("network.arch", "network.model_channels", "network.channel_mult", "network.num_blocks")
 FIXED_ON_RESUME += ("network.attn_resolutions", "cond", "patch.coords", "network.depth", "network.width")
 FIXED_ON_RESUME += ("network.heads", "network.dit_patch", "network.prediction", "latent.norm")
+# The step plan counts images (kimg, LR ramp, EMA, phases) and picks crop sizes from these, step by step
+# from step 0: changed on resume, they would recount the steps already taken.
+COUNTED_ON_RESUME = ("batch", "seed", "patch.schedule", "patch.sizes", "patch.probs", "patch.batch_mult")
+COUNTED_ON_RESUME += ("patch.real_p", "patch.latent", "patch.finish_full")
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -91,6 +95,11 @@ def merge_resumed(saved: TrainConfig, given: TrainConfig, overrides) -> tuple[Tr
             raise ValueError(
                 f"{path} is {new!r} on the command line but {old!r} in the resumed run; "
                 f"a resumed run keeps its network (drop the flag or start a new run)"
+            )
+        if path in COUNTED_ON_RESUME:
+            raise ValueError(
+                f"{path} is {new!r} on the command line but {old!r} in the resumed run; the images seen "
+                f"so far are counted with it (drop the flag or start a new run)"
             )
         cfg = _set(cfg, path, new)
         changes.append(f"{path}: {old!r} -> {new!r}")
