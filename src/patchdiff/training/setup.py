@@ -232,6 +232,21 @@ def read_resumed(
     return state, counters, cfg, changes
 
 
+def keep_latent(saved: TrainConfig, found: TrainConfig, state_path: Path) -> TrainConfig:
+    """A resumed latent run keeps its VAE and its scaling: the weights were trained on latents of that
+    VAE, scaled so, whatever set --data points to now (a re-encoded set has other channel statistics)."""
+    old, new = saved.latent.vae, found.latent.vae
+    if old and new != old:
+        raise ValueError(
+            f"--data {found.data} holds latents of the VAE {new!r}, but the run {state_path.parent} was "
+            f"trained on latents of {old!r}; point --data at a latent set of that VAE or start a new run"
+        )
+    if not old:
+        return found
+    kept = dataclasses.replace(found.latent, shift=saved.latent.shift, scale=saved.latent.scale)
+    return dataclasses.replace(found, latent=kept)
+
+
 def prepare(cfg: TrainConfig, resume: str | None, world: int, overrides=None, lock: bool = False) -> Setup:
     """Check everything that can be checked before anything is written; with `lock`, rank 0 holds the
     resumed run's directory from before its state is read until the run ends."""
@@ -252,7 +267,10 @@ def prepare(cfg: TrainConfig, resume: str | None, world: int, overrides=None, lo
             state, counters, cfg, changes = read_resumed(state_path, cfg, overrides)
             check_config(cfg)
         dataset = open_dataset(cfg.data, xflip=cfg.xflip, cache=cfg.cache)
-        cfg = resolve(resolve_latent(cfg, dataset), dataset)
+        latent = resolve_latent(cfg, dataset)
+        if state_path is not None:
+            latent = keep_latent(cfg, latent, state_path)
+        cfg = resolve(latent, dataset)
         schedule = resolve_schedule(cfg.patch, tuple(cfg.image_size), cfg.network.min_crop)
         batch_gpu, rounds = batch_split(cfg, world)
         if cfg.metrics:
