@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import os
 import sys
 
@@ -349,9 +350,22 @@ def run(args: argparse.Namespace) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"patchdiff train: {stop}", file=sys.stderr)
         return stop.exit_code
-    except OSError as error:  # an unwritable folder or a full disk: one line, not a traceback
-        name = f" {error.filename}" if error.filename else ""
-        raise RuntimeError(f"cannot write{name}: {error.strerror or error}") from None
+    except OSError as error:  # a missing data set, an unwritable folder, a full disk: one line
+        raise RuntimeError(os_error_line(error)) from None
     if run_dir is not None:
         print(f"done: {run_dir}")
     return 0
+
+
+WRITE_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG)
+
+
+def os_error_line(error: OSError) -> str:
+    """What failed, in one line: our own messages ("dataset X does not exist") as they are; the
+    system's with the file it names, as "cannot write" only when writing is what failed."""
+    if error.strerror is None:  # raised with a message of ours: it already says what failed
+        return str(error)
+    name = f" {error.filename}" if error.filename else ""
+    if error.errno in WRITE_ERRORS:
+        return f"cannot write{name}: {error.strerror}"
+    return f"{name.strip() or 'a file'}: {error.strerror}"
