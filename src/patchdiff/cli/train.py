@@ -190,6 +190,12 @@ def add_parser(subparsers) -> None:
         help="a training state file, a run directory, or 'auto' (the newest run under --outdir, or a new "
         "run when there is none). A resumed run keeps its saved settings; flags given now override them",
     )
+    g.add_argument(
+        "--replan",
+        action="store_true",
+        help="with --resume and a new --duration: move the progressive phase boundaries not yet reached "
+        "to where the new duration puts them (by default a resumed run keeps its phases)",
+    )
     g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument(
@@ -345,6 +351,7 @@ def run(args: argparse.Namespace) -> int:
             grid=args.grid,
             overrides=given,
             compile=args.compile,
+            replan=args.replan,
         )
     except RunInterruptedError as stop:
         if os.environ.get("RANK", "0") == "0":

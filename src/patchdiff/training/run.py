@@ -116,6 +116,8 @@ class Run:
         )
         for change in setup.changes:
             self.log(f"resume: {change} (from the command line)")
+        for note in setup.notes:
+            self.log(f"resume: {note}")
         if state is not None and self.main:
             dropped = truncate_stats(self.stats_path, self.at_step)
             if dropped:

@@ -214,6 +214,7 @@ class Setup:
     counters: dict | None = None
     changes: tuple[str, ...] = ()
     lock: RunLock | None = None
+    notes: tuple[str, ...] = ()  # what a resumed run keeps or changes besides its settings (logged)
 
 
 def read_resumed(
@@ -247,7 +248,29 @@ def keep_latent(saved: TrainConfig, found: TrainConfig, state_path: Path) -> Tra
     return dataclasses.replace(found, latent=kept)
 
 
-def prepare(cfg: TrainConfig, resume: str | None, world: int, overrides=None, lock: bool = False) -> Setup:
+def phases_on_resume(saved: list[int], fresh: list[int], step: int, replan: bool) -> tuple[tuple, list[str]]:
+    """The phase boundaries a resumed progressive run uses, and what to log about them.
+
+    A run keeps the boundaries it was planned with (a longer --duration lengthens only the last phase),
+    so the images already counted stay as they were. With `replan`, boundaries not yet reached move to
+    where the new duration puts them; those already passed stay (moving them would recount past steps)."""
+    if saved[:-1] == fresh[:-1]:
+        return tuple(saved), []
+    if not replan:
+        return tuple(saved), [
+            f"progressive phases keep their boundaries at steps {saved[:-1]} (planned for the first "
+            f"duration; this duration alone would put them at {fresh[:-1]}); only the last phase changes "
+            "length. --replan moves the boundaries not yet reached"
+        ]
+    moved = [old if old <= step else max(new, step) for old, new in zip(saved[:-1], fresh[:-1], strict=True)]
+    moved = [max(moved[: i + 1]) for i in range(len(moved))]  # phases stay in order
+    note = f"--replan: progressive phase boundaries {saved[:-1]} -> {moved} (steps; now at step {step})"
+    return (*moved, 0), [note]
+
+
+def prepare(
+    cfg: TrainConfig, resume: str | None, world: int, overrides=None, lock: bool = False, replan: bool = False
+) -> Setup:
     """Check everything that can be checked before anything is written; with `lock`, rank 0 holds the
     resumed run's directory from before its state is read until the run ends."""
     check_config(cfg)
@@ -278,11 +301,26 @@ def prepare(cfg: TrainConfig, resume: str | None, world: int, overrides=None, lo
 
             parse_metric_names(cfg.metrics)  # fail before training, not at the first snapshot
         bounds = tuple(counters.get("phase_bounds", ())) if counters else ()
+        notes: list[str] = []
+        if bounds and schedule.kind == "progressive":
+            fresh = make_plan(cfg, schedule, batch_gpu, rounds, world).phase_bounds
+            bounds, notes = phases_on_resume(list(bounds), fresh, counters["step"], replan)
         plan = make_plan(cfg, schedule, batch_gpu, rounds, world, bounds)
     except BaseException:
         if run_lock:
             run_lock.release()
         raise
     return Setup(
-        cfg, dataset, schedule, plan, batch_gpu, rounds, state, state_path, counters, tuple(changes), run_lock
+        cfg,
+        dataset,
+        schedule,
+        plan,
+        batch_gpu,
+        rounds,
+        state,
+        state_path,
+        counters,
+        tuple(changes),
+        run_lock,
+        tuple(notes),
     )
