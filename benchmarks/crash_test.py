@@ -2,7 +2,7 @@
 final EMA weights are bit-identical to those of an uninterrupted run.
 
 Kill moments cycle through three kinds: during start-up (imports, set-up, run-directory creation),
-at a random time while training, and while a state or snapshot file is being written (the script
+after a random few steps of training, and while a state or snapshot file is being written (the script
 watches the run directory for the temporary files of atomic writes and kills the moment one appears).
 Every run passes `--resume auto`, as a job script would. Prints one line per kill (its kind, the step
 reached, the step of the state it resumed from, the steps lost), then the totals. Exits 1 on a failed
@@ -69,26 +69,40 @@ def steps_reached(trace: Path) -> int:
     return steps[-1] + 1 if steps else 0
 
 
+def first_step(trace: Path) -> int:
+    """The step this invocation started at (the first line of its trace)."""
+    lines = trace.read_text().split("\n") if trace.is_file() else []
+    return int(lines[0].split()[0]) if lines and len(lines[0].split()) == 2 else 0
+
+
 def kill_once(cmd: list[str], env: dict, outdir: Path, trace: Path, kind: str, rng: random.Random) -> str:
     """Start a run and kill -9 it at a moment of the given kind; returns "" if it finished first, else
-    what the kill hit ("mid-write" when a temporary file of an atomic write existed at the kill)."""
+    what the kill hit ("mid-write" when a temporary file of an atomic write existed at the kill).
+
+    Kills are placed by the steps the run is seen to take (its trace), not by the clock: a fast machine
+    then gets no further per kill than a slow one, so the run cannot end before the last kill.
+    "training" waits for 2-6 new steps, "write" for the next temporary file (at most 8 steps: the
+    state is written every ~2), "start-up" for a random 0.5-3 s or the first step, whichever is first."""
     trace.unlink(missing_ok=True)
     stale = set(outdir.glob("*/.*.tmp"))  # left by the previous kill; this run removes them
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
+
+    def wait(done) -> None:
+        while proc.poll() is None and time.time() < deadline and not done():
+            time.sleep(0.002)
+
     if kind == "start-up":
-        time.sleep(rng.uniform(0.5, 3.0))
+        until = time.time() + rng.uniform(0.5, 3.0)
+        wait(lambda: time.time() >= until or trace.is_file())
     else:
-        while proc.poll() is None and not trace.is_file() and time.time() < deadline:
-            time.sleep(0.01)
+        wait(trace.is_file)
+        first = first_step(trace)
         if kind == "training":
-            time.sleep(rng.uniform(0.0, 1.0))
+            target = first + rng.randint(2, 6)
+            wait(lambda: steps_reached(trace) >= target)
         else:  # the moment a temporary file of an atomic write appears
-            until = time.time() + rng.uniform(0.5, 2.0)
-            while proc.poll() is None and time.time() < until:
-                if set(outdir.glob("*/.*.tmp")) - stale:
-                    break
-                time.sleep(0.001)
+            wait(lambda: bool(set(outdir.glob("*/.*.tmp")) - stale) or steps_reached(trace) >= first + 8)
     if proc.poll() is not None:
         if proc.returncode != 0:
             raise SystemExit(f"a resumed run failed (exit {proc.returncode}):\n{proc.stderr.read()[-2000:]}")

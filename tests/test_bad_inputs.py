@@ -11,6 +11,7 @@ import errno
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -472,24 +473,34 @@ def test_ctrl_c_in_process(w, tmp_path, capsys, monkeypatch):
 
 def test_ctrl_c_signal_to_the_command(tmp_path):
     """A real SIGINT to `python -m patchdiff dataset` once its temporary output exists. Upscaling to 512
-    makes the conversion take many seconds, so the signal lands mid-way even on a loaded machine."""
+    makes the conversion take many seconds, so the signal lands mid-way even on a loaded machine.
+
+    Python's own SIGINT handler is in place from interpreter start-up and the temporary output is made
+    inside the CLI's Ctrl-C handler (no threads or child processes), so the one way we found to see exit
+    -2 (an uncaught KeyboardInterrupt, seen once under load) is a signal that lands after the command
+    has finished its work, in interpreter shutdown: a test process starved of the CPU for the whole
+    conversion. That case is told apart (DEST exists) and run once more."""
     rng = np.random.default_rng(0)
     for i in range(400):
         write_png(tmp_path / "src" / f"{i:04d}.png", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
     dest = tmp_path / "out" / "d.zip"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "patchdiff", *dataset(tmp_path / "src", dest, "--resolution", "512")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 60
-    while not any((tmp_path / "out").glob("d.zip.tmp-*")) and proc.poll() is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    assert proc.poll() is None, "finished before the signal; make the source bigger"
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    for _attempt in range(2):
+        shutil.rmtree(tmp_path / "out", ignore_errors=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "patchdiff", *dataset(tmp_path / "src", dest, "--resolution", "512")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while not any((tmp_path / "out").glob("d.zip.tmp-*")) and proc.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert proc.poll() is None, "finished before the signal; make the source bigger"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        if not dest.exists():  # the signal landed during the conversion, as intended
+            break
     assert proc.returncode == 130 and "Traceback" not in err, (proc.returncode, out, err)
     assert err.strip() == "patchdiff dataset: interrupted; partial output was removed"
     assert not (tmp_path / "out").exists()  # the folder it made for DEST is gone too

@@ -142,3 +142,32 @@ def test_disk_full_while_writing_the_state_keeps_the_previous_one(landscapes, tm
     assert (run / "state.pt").read_bytes() == before and not list(run.glob(".*.tmp"))
     steps = [json.loads(line)["step"] for line in (run / "stats.jsonl").read_text().splitlines()]
     assert steps == sorted(steps)
+
+
+def test_a_missing_data_set_is_named_as_missing(landscapes, tmp_path, capsys):
+    outdir = tmp_path / "runs"
+    code = main(train_args(tmp_path / "gone", outdir))
+    check_refused(capsys, code, f"dataset {tmp_path / 'gone'} does not exist", outdir)
+    assert "cannot write" not in capsys.readouterr().err
+    # The same when a resumed run's data set has gone.
+    assert main(train_args(landscapes, outdir, "--duration", "0.02", "--tick", "0.02")) == 0
+    capsys.readouterr()
+    code = main(train_args(tmp_path / "gone", outdir, "--resume", "auto"))
+    _, err = capsys.readouterr()
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "cannot write" not in err, err
+    assert f"dataset {tmp_path / 'gone'} does not exist" in err
+
+
+def test_disk_full_while_writing_a_snapshot_is_one_line(landscapes, tmp_path, capsys, monkeypatch):
+    from safetensors import SafetensorError
+
+    def disk_full(tensors, path, metadata=None):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr(checkpoint, "save_file", disk_full)
+    outdir = tmp_path / "runs"
+    code = main(train_args(landscapes, outdir, "--duration", "0.02", "--tick", "0.02"))
+    _, err = capsys.readouterr()
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "could not write the snapshot" in err and "StorageFull" in err
+    assert "the training state was not written yet" in err

@@ -185,3 +185,28 @@ def test_resume_on_latents_continues_exactly(latent_set, tmp_path):
 def test_a_pixel_model_refuses_a_vae(tiny_run, tiny_vae):
     with pytest.raises(ValueError, match="pixels"):
         load(tiny_run, "cpu", vae=str(tiny_vae))
+
+
+def test_a_resumed_latent_run_keeps_its_vae_and_scaling(latent_set, tmp_path):
+    import shutil
+
+    from patchdiff.training.setup import prepare
+
+    cfg = tiny_config(str(latent_set), str(tmp_path / "runs"), duration_kimg=0.02, tick_kimg=0.02)
+    run = loop.train(cfg, progress=False, grid=0)
+    saved = json.loads(load_state(run / "state.pt")["config"])["latent"]
+    # The same images re-encoded: other channel statistics (and scaling factor) -> the saved scaling stays.
+    other = tmp_path / "reencoded"
+    shutil.copytree(latent_set, other)
+    meta = json.loads((other / "dataset.json").read_text())
+    meta["scaling_factor"] *= 2
+    (other / "dataset.json").write_text(json.dumps(meta))
+    moved = tiny_config(str(other), str(tmp_path / "runs"), duration_kimg=0.04)
+    setup = prepare(moved, "auto", 1)
+    assert list(setup.cfg.latent.scale) == saved["scale"] and list(setup.cfg.latent.shift) == saved["shift"]
+    # Latents of another VAE: refused in one line that names both.
+    meta["vae"] = "someone/other-vae"
+    (other / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="'someone/other-vae'") as info:
+        prepare(moved, "auto", 1)
+    assert saved["vae"] in str(info.value) and "\n" not in str(info.value)

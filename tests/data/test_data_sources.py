@@ -141,6 +141,29 @@ def test_missing_and_unknown_sources(tmp_path):
         open_source(tmp_path / "x.bin")
 
 
+def test_damaged_archives_are_named_damaged(tmp_path):
+    import gzip
+    import io
+    import tarfile
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        z.writestr("a.png", b"\x00" * 4000)
+    (tmp_path / "cut.zip").write_bytes(buffer.getvalue()[:2000])  # the central directory is lost
+    tar = io.BytesIO()
+    with tarfile.open(fileobj=tar, mode="w") as t:
+        info = tarfile.TarInfo("data_batch_1")
+        info.size = 4000
+        t.addfile(info, io.BytesIO(b"\x00" * 4000))
+    packed = gzip.compress(tar.getvalue())
+    (tmp_path / "cut.tar.gz").write_bytes(packed[:40])
+    (tmp_path / "noise.gz.bin").write_bytes(packed[:10] + b"\xff" * 200)  # a gzip header, then noise
+    for name in ("cut.zip", "cut.tar.gz", "noise.gz.bin"):
+        with pytest.raises(ValueError, match=rf"{name.replace('.', '[.]')}: damaged archive"):
+            open_source(tmp_path / name)
+
+
 # --------------------------------------------------------------------------- IDX
 
 

@@ -1,3 +1,4 @@
+import dataclasses
 import errno
 import json
 
@@ -5,7 +6,7 @@ import pytest
 import torch
 from tests.conftest import tiny_config
 
-from patchdiff.config import TrainConfig
+from patchdiff.config import TrainConfig, to_json
 from patchdiff.generation import build_denoiser, load
 from patchdiff.training.checkpoint import (
     StateError,
@@ -140,3 +141,42 @@ def test_resume_prefers_the_newest_complete_state(tmp_path):
     assert state_in(tmp_path) == path  # nothing complete: state.pt, whose loading names the damage
     with pytest.raises(StateError, match=r"state\.pt is damaged"):
         load_state(state_in(tmp_path))
+
+
+def test_crafted_snapshot_metadata_is_named(tmp_path):
+    from safetensors.torch import save_file
+
+    cfg = tiny_config("data", "out", image_size=(16, 16))
+    tensors = {"w": torch.zeros(1)}
+    path = tmp_path / "crafted.safetensors"
+
+    def write(**meta):
+        save_file(
+            tensors, str(path), metadata={"patchdiff.config": to_json(cfg), "patchdiff.step": "5", **meta}
+        )
+
+    write(**{"patchdiff.kimg": "{broken"})  # broken JSON: the key is named
+    with pytest.raises(ValueError, match=r"'patchdiff\.kimg' is not valid") as info:
+        read_snapshot(path)
+    assert "\n" not in str(info.value)
+    write(**{"patchdiff.config": to_json(cfg)[:-5]})
+    with pytest.raises(ValueError, match=r"'patchdiff\.config' is not valid"):
+        read_snapshot(path)
+    # A claimed 100000 x 100000 image is refused before anything is built at that size.
+    huge = dataclasses.replace(cfg, image_size=(100_000, 100_000))
+    save_file(tensors, str(path), metadata={"patchdiff.config": to_json(huge)})
+    with pytest.raises(ValueError, match=r"implausible image size \(100000, 100000\)"):
+        read_snapshot(path)
+
+
+def test_a_refused_state_does_not_pass_on_torchs_advice(tmp_path):
+    import pickle
+
+    path = tmp_path / "state.pt"
+    with open(path, "wb") as f:  # a plain pickle with an opcode the weights-only unpickler refuses
+        pickle.dump({"a": {1}}, f, protocol=4)
+    with pytest.raises(StateError) as info:
+        load_state(path)
+    message = str(info.value)
+    assert "weights_only" not in message and "Re-running" not in message and "\n" not in message
+    assert "state.pt is damaged or not a training state (Unsupported operand" in message

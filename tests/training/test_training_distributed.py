@@ -39,11 +39,18 @@ def test_nan_on_one_rank_stops_every_rank_without_a_hang(landscapes, tmp_path):
     # streak is max-reduced over ranks, so both stop at the same tick after 8 bad steps, and neither
     # waits in a snapshot barrier the other never reaches (a timeout here would be the hang).
     flags = ["--duration", "0.4", "--tick", "0.05", "--snap", "1"]
-    out = torchrun(landscapes, tmp_path, *flags, env={"PATCHDIFF_FAULT_NAN": "1:6"}, timeout=240)
+    env = {"PATCHDIFF_FAULT_NAN": "1:6", "PATCHDIFF_TRACE_SIZES": str(tmp_path)}
+    out = torchrun(landscapes, tmp_path / "runs", *flags, env=env, timeout=240)
     assert out.returncode != 0
+    (run,) = (tmp_path / "runs").iterdir()
+    # Both ranks stopped after the same step (each rank's own trace of the steps it took).
+    rank0, rank1 = read_sizes(tmp_path / "sizes-0.txt"), read_sizes(tmp_path / "sizes-1.txt")
+    assert max(rank0) == max(rank1) >= 6 + 8 - 1
+    # The error line: at least one rank prints it before torchrun's agent, seeing that rank fail,
+    # terminates the other; under load that SIGTERM can come before the second rank's print, so the
+    # second line is not required (the traces above show that both ranks stopped).
     errors = [line for line in out.stderr.splitlines() if "patchdiff train: error:" in line]
-    assert len(errors) == 2, out.stderr[-3000:]  # the same error on both ranks
-    (run,) = tmp_path.iterdir()
+    assert 1 <= len(errors) <= 2, out.stderr[-3000:]
     assert all("non-finite for 8 steps in a row" in e and f"{run / 'state.pt'}" in e for e in errors)
     state_step = json.loads(load_state(run / "state.pt")["counters"])["step"]
     assert 0 < state_step <= 6  # the last state was written before the streak began

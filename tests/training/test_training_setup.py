@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -10,7 +11,7 @@ from tests.conftest import TINY_TRAIN_FLAGS, tiny_config
 from patchdiff.cli import main
 from patchdiff.config import PatchConfig
 from patchdiff.patching import resolve_schedule
-from patchdiff.training.setup import check_config, field_paths, merge_resumed
+from patchdiff.training.setup import check_config, field_paths, merge_resumed, phases_on_resume
 from patchdiff.training.stream import StepPlan
 
 
@@ -66,9 +67,54 @@ def test_a_resumed_command_line_keeps_the_saved_settings(landscapes, tmp_path, c
     # The network cannot change under a resumed run.
     assert main([*base, "--resume", "auto", "--cbase", "16"]) == 2
     assert "a resumed run keeps its network" in capsys.readouterr().err
+    # Nor can what counts its images step by step: kimg, LR ramp, EMA and phases of past steps would jump.
+    for flag, value, path in (("--batch", "16", "batch"), ("--seed", "1", "seed")):
+        assert main([*base, "--resume", "auto", flag, value]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{path} is " in err[0] and "the images seen so far" in err[0], err
 
 
 def test_patch_probs_apply_to_the_default_sizes(landscapes, tmp_path, capsys):
     args = ["train", "--data", str(landscapes), "--outdir", str(tmp_path), *TINY_TRAIN_FLAGS]
     assert main([*args, "--patch-probs", "0.1,0.1,0.8", "--dry-run"]) == 0
     assert "crop sizes (4, 8, 16) p=(0.1, 0.1, 0.8)" in capsys.readouterr().out
+
+
+def test_a_longer_resumed_progressive_run_says_its_phases_stay_and_can_replan(
+    landscapes, tmp_path, monkeypatch
+):
+    import signal
+
+    from patchdiff.training import run as run_module
+    from patchdiff.training.loop import train
+    from patchdiff.training.setup import prepare
+    from patchdiff.training.signals import RunInterruptedError
+
+    cfg = tiny_config(
+        str(landscapes), str(tmp_path), patch=PatchConfig(schedule="progressive"), duration_kimg=1.0,
+        tick_kimg=1.0, snap_ticks=0,
+    )  # fmt: skip
+    step = run_module.Run.step
+
+    def stop_after_two(self):  # as if SIGTERM came at step 2
+        step(self)
+        if self.at_step == 2:
+            self.stop.signum = signal.SIGTERM
+
+    monkeypatch.setattr(run_module.Run, "step", stop_after_two)
+    with pytest.raises(RunInterruptedError):
+        train(cfg, progress=False, grid=0)
+    longer = dataclasses.replace(cfg, duration_kimg=2.0)
+    kept = prepare(longer, "auto", 1, {"duration_kimg"})
+    saved = json.loads(kept.state["counters"])["phase_bounds"]
+    fresh = prepare(dataclasses.replace(longer, outdir=str(tmp_path / "new")), None, 1).plan.phase_bounds
+    assert kept.plan.phase_bounds[:-1] == saved[:-1] != fresh[:-1]
+    (note,) = kept.notes
+    assert f"keep their boundaries at steps {saved[:-1]}" in note and "--replan" in note
+    replanned = prepare(longer, "auto", 1, {"duration_kimg"}, replan=True)
+    assert replanned.plan.phase_bounds == fresh  # no boundary was reached at step 2: all move
+    assert replanned.notes == (
+        f"--replan: progressive phase boundaries {saved[:-1]} -> {fresh[:-1]} (steps; now at step 2)",
+    )
+    # A boundary already passed stays where it was: moving it would recount the images of past steps.
+    assert phases_on_resume([10, 20, 30], [20, 40, 60], 15, True)[0] == (10, 40, 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import os
 import sys
 
@@ -223,6 +224,12 @@ def add_parser(subparsers) -> None:
         help="a training state file, a run directory, or 'auto' (the newest run under --outdir, or a new "
         "run when there is none). A resumed run keeps its saved settings; flags given now override them",
     )
+    g.add_argument(
+        "--replan",
+        action="store_true",
+        help="with --resume and a new --duration: move the progressive phase boundaries not yet reached "
+        "to where the new duration puts them (by default a resumed run keeps its phases)",
+    )
     g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     g.add_argument(
         "--logger",
@@ -397,14 +404,28 @@ def run(args: argparse.Namespace) -> int:
             grid=args.grid,
             overrides=given,
             compile=args.compile,
+            replan=args.replan,
         )
     except RunInterruptedError as stop:
         if os.environ.get("RANK", "0") == "0":
             print(f"patchdiff train: {stop}", file=sys.stderr)
         return stop.exit_code
-    except OSError as error:  # an unwritable folder or a full disk: one line, not a traceback
-        name = f" {error.filename}" if error.filename else ""
-        raise RuntimeError(f"cannot write{name}: {error.strerror or error}") from None
+    except OSError as error:  # a missing data set, an unwritable folder, a full disk: one line
+        raise RuntimeError(os_error_line(error)) from None
     if run_dir is not None:
         print(f"done: {run_dir}")
     return 0
+
+
+WRITE_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG)
+
+
+def os_error_line(error: OSError) -> str:
+    """What failed, in one line: our own messages ("dataset X does not exist") as they are; the
+    system's with the file it names, as "cannot write" only when writing is what failed."""
+    if error.strerror is None:  # raised with a message of ours: it already says what failed
+        return str(error)
+    name = f" {error.filename}" if error.filename else ""
+    if error.errno in WRITE_ERRORS:
+        return f"cannot write{name}: {error.strerror}"
+    return f"{name.strip() or 'a file'}: {error.strerror}"

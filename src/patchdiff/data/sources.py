@@ -229,12 +229,36 @@ def open_source(
         return idx_source(p)
     if zipfile.is_zipfile(p):
         return zip_source(p, class_folders)
-    if tarfile.is_tarfile(p):
+    if _is_tarfile(p):
         return cifar10_source(p)
+    if _looks_like_archive(p):
+        raise ValueError(
+            f"--source {path}: damaged archive (named or marked as a .zip/.tar archive, but it cannot be "
+            "read as one); download or copy it again"
+        )
     raise ValueError(
         f"--source {path}: unknown kind of source; expected an image folder, a .zip of images, "
         "an MNIST-style *-images-idx3-ubyte[.gz] file, or cifar-10-python.tar.gz"
     )
+
+
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+ARCHIVE_MAGIC = (b"PK", b"\x1f\x8b", b"BZh", b"\xfd7zXZ")  # zip, gzip, bzip2, xz
+
+
+def _is_tarfile(path: Path) -> bool:
+    try:
+        return tarfile.is_tarfile(path)
+    except (OSError, EOFError, ValueError):  # a damaged compressed stream raises instead of saying no
+        return False
+
+
+def _looks_like_archive(path: Path) -> bool:
+    """Named or starting like an archive: a file that fails to open as one is then a damaged archive."""
+    if path.name.lower().endswith(ARCHIVE_SUFFIXES):
+        return True
+    with open(path, "rb") as f:
+        return f.read(6).startswith(ARCHIVE_MAGIC)
 
 
 def _decode_or_report(data: bytes, name: str, on_bad: OnBad | None) -> np.ndarray | None:

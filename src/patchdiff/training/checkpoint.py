@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -70,9 +71,32 @@ def read_snapshot(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Tra
         raise ValueError(f"{path} is not a readable safetensors snapshot ({error})") from error
     if CONFIG_KEY not in meta:
         raise ValueError(f"{path} has no patchdiff config in its metadata; was it written by patchdiff?")
-    cfg = from_json(TrainConfig, meta[CONFIG_KEY])
-    info = {k.removeprefix("patchdiff."): json.loads(v) for k, v in meta.items() if k != CONFIG_KEY}
+    info = {}
+    for key, value in meta.items():
+        try:
+            decoded = from_json(TrainConfig, value) if key == CONFIG_KEY else json.loads(value)
+        except (ValueError, TypeError, KeyError) as error:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{path}: the metadata {key!r} is not valid ({error})") from None
+        if key == CONFIG_KEY:
+            cfg = decoded
+        else:
+            info[key.removeprefix("patchdiff.")] = decoded
+    check_image_size(path, cfg)
     return load_file(str(path)), cfg, info
+
+
+MAX_IMAGE_SIDE = 16384  # pixels (or latents) per side: far above any trained model, far below a bad one
+
+
+def check_image_size(path: Path, cfg: TrainConfig) -> None:
+    """A recorded image size is checked before a network or a sample is built at that size, so a
+    crafted or damaged snapshot fails with one line, not with the allocator's."""
+    sides = [*cfg.image_size, cfg.network.resolution, *cfg.latent.pixel_size]
+    if any(not isinstance(v, int) or not 0 < v <= MAX_IMAGE_SIDE for v in sides):
+        raise ValueError(
+            f"{path}: its metadata records an implausible image size {tuple(cfg.image_size)} "
+            f"(sides of 1 to {MAX_IMAGE_SIDE} pixels expected); the file is damaged or not from patchdiff"
+        )
 
 
 def newest_snapshot(run_dir: str | os.PathLike) -> Path:
@@ -125,13 +149,15 @@ def load_state(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"training state {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols would be a second line
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if "Unsupported global" in str(error):  # it names code to run: refused
+        if re.search(r"unsupported global", str(error), re.IGNORECASE):  # it names code to run: refused
             raise StateError(f"{path} is not a patchdiff training state (it holds code, refused)") from None
-        raise StateError(f"{path} is damaged or not a training state ({_first_line(error)})") from None
+        raise StateError(f"{path} is damaged or not a training state ({_refusal_reason(error)})") from None
     except Exception as error:  # the unpickler raises KeyError, EOFError, RuntimeError... on damage
-        raise StateError(f"{path} is damaged or not a training state ({_first_line(error)})") from None
+        raise StateError(f"{path} is damaged or not a training state ({_refusal_reason(error)})") from None
     if not isinstance(state, dict):
         raise StateError(f"{path} is not a patchdiff training state (a {type(state).__name__})")
     return state
@@ -144,8 +170,13 @@ def check_state(path: Path, state: dict[str, Any]) -> None:
         raise StateError(f"{path} is not a patchdiff training state: it lacks {', '.join(missing)}")
 
 
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+def _refusal_reason(error: BaseException) -> str:
+    """Why torch's weights-only unpickler refused a file, without torch's advice around it (to re-run
+    with weights_only=False, i.e. to run the file's code, which is what the refusal protects against)."""
+    advice = ("weights only", "weights_only", "weightsunpickler", "documentation", "file an issue")
+    lines = [line.strip() for line in str(error).splitlines()]
+    reasons = [line for line in lines if line and not any(a in line.lower() for a in advice)]
+    return reasons[0][:200] if reasons else type(error).__name__
 
 
 def is_complete(path: Path) -> bool:

@@ -114,18 +114,20 @@ def train(
     grid: int = 64,
     overrides=None,
     compile: bool = False,
+    replan: bool = False,
 ) -> Path | None:
     """Train as configured; returns the run directory (None for a dry run).
 
     resume: a state file, a run directory, or "auto" (the newest run under cfg.outdir, or a fresh run
     when there is none). A resumed run keeps its saved config except for the field paths in `overrides`
     (the CLI passes the flags given on its command line; None means RUN_CONTROL). compile: torch.compile
-    the network, one static graph per crop size."""
+    the network, one static graph per crop size. replan: a resumed progressive run moves the phase
+    boundaries it has not reached to where its (new) duration puts them."""
     dev = dist.init_from_env(device)
     if cfg.precision == "fp32":  # fp32 means fp32: no TF32 matmuls or convolutions (as EDM does)
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    setup = prepare(cfg, resume, dist.world_size(), overrides, lock=not dry_run)
+    setup = prepare(cfg, resume, dist.world_size(), overrides, lock=not dry_run, replan=replan)
     if dry_run:
         if dist.is_main():
             cfg, schedule, plan = setup.cfg, setup.schedule, setup.plan
@@ -134,6 +136,8 @@ def train(
                 print(f"resuming {setup.state_path} at step {setup.counters['step']}; the effective config:")
             for change in setup.changes:
                 print(f"resume: {change} (from the command line)")
+            for note in setup.notes:
+                print(f"resume: {note}")
             print(to_json(cfg))
             print(f"parameters: {count_parameters(build_denoiser(cfg, pretrained=False).net):,}")
             print(

@@ -119,6 +119,8 @@ class Run:
         )
         for change in setup.changes:
             self.log(f"resume: {change} (from the command line)")
+        for note in setup.notes:
+            self.log(f"resume: {note}")
         if state is not None and self.main:
             dropped = truncate_stats(self.stats_path, self.at_step)
             if dropped:
@@ -439,8 +441,15 @@ class Run:
             path = self.run_dir / f"snapshot-{name}.safetensors"
             try:
                 save_snapshot(path, self.ema, self.cfg, step=step, kimg=kimg)
-            except OSError as e:
-                error = RuntimeError(f"could not write the snapshot {path}: {e.strerror or e}")
+            except Exception as e:  # OSError, or safetensors' own error type on a full disk
+                reason = (
+                    getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+                )
+                state = state_in(self.run_dir)
+                error = RuntimeError(
+                    f"could not write the snapshot {path}: {reason[:200]}; the training state "
+                    + (f"{state} is kept" if state else "was not written yet")
+                )
         dist.agree_on_error(error)
         self.write_state()
         if self.main and self.grid:  # after the state: a failure while sampling cannot cost the state

@@ -40,6 +40,10 @@ FIXED_ON_RESUME += ("network.attn_resolutions", "cond", "patch.coords", "network
 FIXED_ON_RESUME += ("network.heads", "network.dit_patch", "network.prediction", "latent.norm")
 FIXED_ON_RESUME += ("network.coord_embed",)
 FIXED_ON_RESUME += ("network.augment_dim", "subset", "subset_seed")
+# The step plan counts images (kimg, LR ramp, EMA, phases) and picks crop sizes from these, step by step
+# from step 0: changed on resume, they would recount the steps already taken.
+COUNTED_ON_RESUME = ("batch", "seed", "patch.schedule", "patch.sizes", "patch.probs", "patch.batch_mult")
+COUNTED_ON_RESUME += ("patch.real_p", "patch.latent", "patch.finish_full")
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -93,6 +97,11 @@ def merge_resumed(saved: TrainConfig, given: TrainConfig, overrides) -> tuple[Tr
             raise ValueError(
                 f"{path} is {new!r} on the command line but {old!r} in the resumed run; "
                 f"a resumed run keeps its network (drop the flag or start a new run)"
+            )
+        if path in COUNTED_ON_RESUME:
+            raise ValueError(
+                f"{path} is {new!r} on the command line but {old!r} in the resumed run; the images seen "
+                f"so far are counted with it (drop the flag or start a new run)"
             )
         cfg = _set(cfg, path, new)
         changes.append(f"{path}: {old!r} -> {new!r}")
@@ -238,6 +247,7 @@ class Setup:
     counters: dict | None = None
     changes: tuple[str, ...] = ()
     lock: RunLock | None = None
+    notes: tuple[str, ...] = ()  # what a resumed run keeps or changes besides its settings (logged)
 
 
 def read_resumed(
@@ -256,7 +266,44 @@ def read_resumed(
     return state, counters, cfg, changes
 
 
-def prepare(cfg: TrainConfig, resume: str | None, world: int, overrides=None, lock: bool = False) -> Setup:
+def keep_latent(saved: TrainConfig, found: TrainConfig, state_path: Path) -> TrainConfig:
+    """A resumed latent run keeps its VAE and its scaling: the weights were trained on latents of that
+    VAE, scaled so, whatever set --data points to now (a re-encoded set has other channel statistics)."""
+    old, new = saved.latent.vae, found.latent.vae
+    if old and new != old:
+        raise ValueError(
+            f"--data {found.data} holds latents of the VAE {new!r}, but the run {state_path.parent} was "
+            f"trained on latents of {old!r}; point --data at a latent set of that VAE or start a new run"
+        )
+    if not old:
+        return found
+    kept = dataclasses.replace(found.latent, shift=saved.latent.shift, scale=saved.latent.scale)
+    return dataclasses.replace(found, latent=kept)
+
+
+def phases_on_resume(saved: list[int], fresh: list[int], step: int, replan: bool) -> tuple[tuple, list[str]]:
+    """The phase boundaries a resumed progressive run uses, and what to log about them.
+
+    A run keeps the boundaries it was planned with (a longer --duration lengthens only the last phase),
+    so the images already counted stay as they were. With `replan`, boundaries not yet reached move to
+    where the new duration puts them; those already passed stay (moving them would recount past steps)."""
+    if saved[:-1] == fresh[:-1]:
+        return tuple(saved), []
+    if not replan:
+        return tuple(saved), [
+            f"progressive phases keep their boundaries at steps {saved[:-1]} (planned for the first "
+            f"duration; this duration alone would put them at {fresh[:-1]}); only the last phase changes "
+            "length. --replan moves the boundaries not yet reached"
+        ]
+    moved = [old if old <= step else max(new, step) for old, new in zip(saved[:-1], fresh[:-1], strict=True)]
+    moved = [max(moved[: i + 1]) for i in range(len(moved))]  # phases stay in order
+    note = f"--replan: progressive phase boundaries {saved[:-1]} -> {moved} (steps; now at step {step})"
+    return (*moved, 0), [note]
+
+
+def prepare(
+    cfg: TrainConfig, resume: str | None, world: int, overrides=None, lock: bool = False, replan: bool = False
+) -> Setup:
     """Check everything that can be checked before anything is written; with `lock`, rank 0 holds the
     resumed run's directory from before its state is read until the run ends."""
     check_config(cfg)
@@ -285,7 +332,10 @@ def prepare(cfg: TrainConfig, resume: str | None, world: int, overrides=None, lo
             from patchdiff.data.subset import training_subset
 
             dataset = training_subset(dataset, cfg.subset, cfg.subset_seed)
-        cfg = resolve(resolve_latent(cfg, dataset), dataset)
+        latent = resolve_latent(cfg, dataset)
+        if state_path is not None:
+            latent = keep_latent(cfg, latent, state_path)
+        cfg = resolve(latent, dataset)
         schedule = resolve_schedule(cfg.patch, tuple(cfg.image_size), cfg.network.min_crop)
         batch_gpu, rounds = batch_split(cfg, world)
         if cfg.metrics:
@@ -297,11 +347,26 @@ def prepare(cfg: TrainConfig, resume: str | None, world: int, overrides=None, lo
 
             check_loggers(cfg.loggers)  # a missing package: one line naming the extra, before any write
         bounds = tuple(counters.get("phase_bounds", ())) if counters else ()
+        notes: list[str] = []
+        if bounds and schedule.kind == "progressive":
+            fresh = make_plan(cfg, schedule, batch_gpu, rounds, world).phase_bounds
+            bounds, notes = phases_on_resume(list(bounds), fresh, counters["step"], replan)
         plan = make_plan(cfg, schedule, batch_gpu, rounds, world, bounds)
     except BaseException:
         if run_lock:
             run_lock.release()
         raise
     return Setup(
-        cfg, dataset, schedule, plan, batch_gpu, rounds, state, state_path, counters, tuple(changes), run_lock
+        cfg,
+        dataset,
+        schedule,
+        plan,
+        batch_gpu,
+        rounds,
+        state,
+        state_path,
+        counters,
+        tuple(changes),
+        run_lock,
+        tuple(notes),
     )
