@@ -53,6 +53,13 @@ class NetworkConfig:
     beta_start: float = 0.0001
     beta_end: float = 0.02
     num_train_timesteps: int = 1000
+    # Where networks imported from the published EDM / Patch Diffusion code differ from ours (see
+    # interop/convert.py); all False builds our own layout. DDPM++: positional-embedding frequencies
+    # spanning max_positions^0 .. max_positions^-1 inclusive. NCSN++: the progressive input's conv runs
+    # before its downsampling, not after. ADM: blocks narrower than one 64-channel head get no attention.
+    edm_noise_endpoint: bool = False
+    edm_aux_conv_first: bool = False
+    edm_attn_full_heads: bool = False
 
     @property
     def in_channels(self) -> int:
