@@ -199,6 +199,8 @@ class TrainConfig:
     max_bad_steps: int = 8  # consecutive non-finite losses before the run stops
     checkpoint_kimg: float = 0.0  # also write the resumable state every this many kimg (0 = off)
     checkpoint_minutes: float = 10.0  # ... and at least this often in wall-clock time (0 = off)
+    # A snapshot whose network and weights a new run starts from (fine-tuning, e.g. an imported one).
+    init_snapshot: str = ""
 
 
 # --------------------------------------------------------------------------- JSON round trip

@@ -189,3 +189,36 @@ def test_generate_from_an_imported_snapshot(tmp_path, capsys):
     # a second import onto the same destination is refused, the first snapshot is kept
     assert main(["import", str(FIXTURES / "patch-ncsnpp-uncond.pkl"), "--dest", str(dest)]) == 2
     assert "exists" in capsys.readouterr().err
+
+
+def test_fine_tune_an_imported_snapshot(tmp_path, landscapes, capsys):
+    """`train --init-snapshot`: a new run with the imported network, starting from its weights."""
+    from patchdiff.training.checkpoint import newest_snapshot, read_snapshot
+
+    snap, conv = import_published(FIXTURES / "patch-ddpmpp-uncond.pkl", tmp_path / "imported.safetensors")
+    train = f"train --data {landscapes} --outdir {tmp_path / 'runs'} --init-snapshot {snap}".split()
+    flags = "--duration 0.016 --tick 0.008 --snap 1 --batch 8 --lr 1e-7 --workers 0 --grid 0 --no-progress"
+    assert main([*train, *flags.split()]) == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    tuned, cfg, _ = read_snapshot(newest_snapshot(run))
+    assert cfg.network == conv.network and cfg.init_snapshot == str(snap)
+    start, _, _ = read_snapshot(snap)
+    assert tuned.keys() == start.keys()
+    # a few steps at a tiny learning rate: the weights it started from, up to that step (a fresh
+    # initialisation would differ by ~0.1)
+    assert max(float((tuned[k] - start[k]).abs().max()) for k in start) < 1e-4
+    capsys.readouterr()
+
+    # network flags contradict the snapshot's network: refused before anything is written
+    assert main([*train, *flags.split(), "--cbase", "32"]) == 2
+    assert "drop --cbase" in capsys.readouterr().err
+    # data that does not fit the snapshot (8x8 images for a 16x16 network)
+    small = tmp_path / "small"
+    small.mkdir()
+    from PIL import Image
+
+    for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(small / f"{i}.png")
+    bad = f"train --data {small} --outdir {tmp_path / 'runs2'} --init-snapshot {snap}".split()
+    assert main([*bad, *flags.split()]) == 2
+    assert "resolution 16 (data: 8)" in capsys.readouterr().err

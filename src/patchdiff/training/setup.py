@@ -17,7 +17,13 @@ from patchdiff.config import TrainConfig, from_json, to_dict
 from patchdiff.data import ImageDataset, open_dataset
 from patchdiff.data.latents import resolve_latent
 from patchdiff.patching import PatchSchedule, resolve_schedule
-from patchdiff.training.checkpoint import StateError, check_state, find_resume_state, load_state
+from patchdiff.training.checkpoint import (
+    StateError,
+    check_state,
+    find_resume_state,
+    load_state,
+    read_snapshot,
+)
 from patchdiff.training.lock import RunLock, RunLockedError
 from patchdiff.training.stream import StepPlan
 
@@ -154,6 +160,40 @@ def make_plan(
     return StepPlan(schedule, cfg.seed, per_step, cfg.duration_kimg * 1000, tuple(saved_bounds))
 
 
+def snapshot_network(cfg: TrainConfig):
+    """(network config, sigma_data) of --init-snapshot."""
+    try:
+        _, saved, _ = read_snapshot(cfg.init_snapshot)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"--init-snapshot {cfg.init_snapshot}: {' '.join(str(error).split())}") from None
+    return saved.network, saved.loss.sigma_data
+
+
+def check_snapshot_fits(cfg: TrainConfig, net) -> None:
+    """The data decides resolution, channels, classes and coordinates; they must be the snapshot's."""
+    fields = ("resolution", "img_channels", "coord_channels", "label_dim")
+    wrong = [
+        f"{f} {getattr(net, f)} (data: {getattr(cfg.network, f)})"
+        for f in fields
+        if getattr(net, f) != getattr(cfg.network, f)
+    ]
+    if wrong:
+        raise ValueError(
+            f"--init-snapshot {cfg.init_snapshot} does not fit {cfg.data}: the snapshot's {', '.join(wrong)}; "
+            "use data of its size and channels (and --cond / --no-coords as it was trained)"
+        )
+
+
+def load_init_weights(denoiser, path: str) -> None:
+    """The --init-snapshot weights into a freshly built denoiser."""
+    state, _, _ = read_snapshot(path)
+    try:
+        denoiser.load_state_dict(state)
+    except RuntimeError as error:
+        msg = str(error).strip().splitlines()[0][:200]
+        raise ValueError(f"--init-snapshot {path} does not fit the network of its config ({msg})") from None
+
+
 def new_run_dir(cfg: TrainConfig) -> Path:
     outdir = Path(cfg.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -242,8 +282,15 @@ def prepare(cfg: TrainConfig, resume: str | None, world: int, overrides=None, lo
         if state_path is not None:
             state, counters, cfg, changes = read_resumed(state_path, cfg, overrides)
             check_config(cfg)
+        start = snapshot_network(cfg) if state is None and cfg.init_snapshot else None
+        if start is not None:  # fine-tuning: the snapshot's network, not the flags'
+            cfg = dataclasses.replace(
+                cfg, network=start[0], loss=dataclasses.replace(cfg.loss, sigma_data=start[1])
+            )
         dataset = open_dataset(cfg.data, xflip=cfg.xflip, cache=cfg.cache)
         cfg = resolve(resolve_latent(cfg, dataset), dataset)
+        if start is not None:
+            check_snapshot_fits(cfg, start[0])
         schedule = resolve_schedule(cfg.patch, tuple(cfg.image_size), cfg.network.min_crop)
         batch_gpu, rounds = batch_split(cfg, world)
         if cfg.metrics:
