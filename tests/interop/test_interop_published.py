@@ -222,3 +222,28 @@ def test_fine_tune_an_imported_snapshot(tmp_path, landscapes, capsys):
     bad = f"train --data {small} --outdir {tmp_path / 'runs2'} --init-snapshot {snap}".split()
     assert main([*bad, *flags.split()]) == 2
     assert "resolution 16 (data: 8)" in capsys.readouterr().err
+
+
+def test_fid_of_an_imported_snapshot(tmp_path, tiny_detector, capsys):
+    from patchdiff.metrics.fid import reference_from_features, save_reference
+
+    snap, _ = import_published(FIXTURES / "patch-ddpmpp-uncond.pkl", tmp_path / "imported.safetensors")
+    ref = tmp_path / "ref.npz"
+    save_reference(reference_from_features(np.random.default_rng(0).random((8, 16)), kid_features=0), ref)
+    argv = f"fid calc --model {snap} --num 4 --ref {ref} --detector {tiny_detector} --device cpu".split()
+    churn = [
+        "--sampler",
+        "heun",
+        "--steps",
+        "3",
+        "--S-churn",
+        "5",
+        "--batch",
+        "2",
+        "--workers",
+        "0",
+        "--no-progress",
+    ]
+    assert main([*argv, *churn]) == 0
+    fid = float(capsys.readouterr().out.split("fid ")[1].split()[0])
+    assert np.isfinite(fid) and fid > 0

@@ -3,6 +3,7 @@
     patchdiff fid ref  --data DATASET --dest REF.npz
     patchdiff fid calc --images DIR|ZIP --ref REF.npz
     patchdiff fid calc --model RUN_DIR|SNAPSHOT --num 50000 --ref REF.npz [--sampler S] [--steps N] [--seeds 0]
+        [--preset adm-latent] [--S-churn C --S-min A --S-max B --S-noise S]   (generate's sampler flags)
 
 Works under torchrun (images split over processes). Results go to stdout one per line.
 """
