@@ -195,13 +195,13 @@ def test_fine_tune_an_imported_snapshot(tmp_path, landscapes, capsys):
     """`train --init-snapshot`: a new run with the imported network, starting from its weights."""
     from patchdiff.training.checkpoint import newest_snapshot, read_snapshot
 
-    snap, conv = import_published(FIXTURES / "patch-ddpmpp-uncond.pkl", tmp_path / "imported.safetensors")
-    train = f"train --data {landscapes} --outdir {tmp_path / 'runs'} --init-snapshot {snap}".split()
+    snap, conv = import_published(FIXTURES / "patch-ddpmpp-uncond.pkl", tmp_path / "imported")
+    train = f"train --data {landscapes} --outdir {tmp_path / 'runs'} --init-snapshot {snap.parent}".split()
     flags = "--duration 0.016 --tick 0.008 --snap 1 --batch 8 --lr 1e-7 --workers 0 --grid 0 --no-progress"
     assert main([*train, *flags.split()]) == 0
     (run,) = (tmp_path / "runs").iterdir()
     tuned, cfg, _ = read_snapshot(newest_snapshot(run))
-    assert cfg.network == conv.network and cfg.init_snapshot == str(snap)
+    assert cfg.network == conv.network and cfg.init_snapshot == str(snap.parent)
     start, _, _ = read_snapshot(snap)
     assert tuned.keys() == start.keys()
     # a few steps at a tiny learning rate: the weights it started from, up to that step (a fresh

@@ -22,6 +22,7 @@ from patchdiff.training.checkpoint import (
     check_state,
     find_resume_state,
     load_state,
+    newest_snapshot,
     read_snapshot,
 )
 from patchdiff.training.lock import RunLock, RunLockedError
@@ -160,10 +161,15 @@ def make_plan(
     return StepPlan(schedule, cfg.seed, per_step, cfg.duration_kimg * 1000, tuple(saved_bounds))
 
 
+def init_snapshot_file(path: str) -> Path:
+    """--init-snapshot: a snapshot file, or a run (or import) folder's newest snapshot."""
+    return newest_snapshot(path) if Path(path).is_dir() else Path(path)
+
+
 def snapshot_network(cfg: TrainConfig):
     """(network config, sigma_data) of --init-snapshot."""
     try:
-        _, saved, _ = read_snapshot(cfg.init_snapshot)
+        _, saved, _ = read_snapshot(init_snapshot_file(cfg.init_snapshot))
     except (ValueError, TypeError) as error:
         raise ValueError(f"--init-snapshot {cfg.init_snapshot}: {' '.join(str(error).split())}") from None
     return saved.network, saved.loss.sigma_data
@@ -186,7 +192,7 @@ def check_snapshot_fits(cfg: TrainConfig, net) -> None:
 
 def load_init_weights(denoiser, path: str) -> None:
     """The --init-snapshot weights into a freshly built denoiser."""
-    state, _, _ = read_snapshot(path)
+    state, _, _ = read_snapshot(init_snapshot_file(path))
     try:
         denoiser.load_state_dict(state)
     except RuntimeError as error:
