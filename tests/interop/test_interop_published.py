@@ -81,6 +81,19 @@ def test_evil_module_source_is_never_run(tmp_path, monkeypatch):
     assert not Path("PWNED-by-module-src").exists()
 
 
+def test_plain_values_and_tensors_load():
+    """What a snapshot's plain attributes may hold: numpy arrays and scalars, ordered dicts, tensors."""
+    import io
+
+    from patchdiff.interop.published import RestrictedUnpickler
+
+    values = dict(a=np.arange(6, dtype=np.float32).reshape(2, 3), s=np.float64(2.5), o=OrderedDict(x=1))
+    values["t"] = torch.arange(4.0)[1:]  # a view: offset and stride survive
+    loaded = RestrictedUnpickler(io.BytesIO(pickle.dumps(values, protocol=4))).load()
+    assert np.array_equal(loaded["a"], values["a"]) and loaded["s"] == 2.5 and loaded["o"] == values["o"]
+    assert torch.equal(loaded["t"], torch.tensor([1.0, 2.0, 3.0]))
+
+
 # --------------------------------------------------------------------------- hostile and broken files
 
 

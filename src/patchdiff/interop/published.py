@@ -128,6 +128,13 @@ def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
     return np.frombuffer(data, dtype=dtype, count=1)[0]
 
 
+def _numpy_array(cls: Any, shape: Any = (0,), dtype: Any = b"b") -> np.ndarray:
+    """An empty array that BUILD then fills (numpy's own __setstate__, with data this unpickler made)."""
+    if cls is not np.ndarray:
+        raise Refused("a numpy array of a subclass")
+    return np.ndarray.__new__(np.ndarray, shape, dtype)
+
+
 # Plain torch containers that may appear inside a network; they hold no behaviour we need.
 TORCH_CONTAINERS = ("ModuleDict", "ModuleList", "Sequential", "Identity", "Dropout", "SiLU")
 
@@ -141,6 +148,9 @@ ALLOWED: dict[tuple[str, str], Any] = {
     ("numpy", "dtype"): np.dtype,
     ("numpy._core.multiarray", "scalar"): _numpy_scalar,
     ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy._core.multiarray", "_reconstruct"): _numpy_array,
+    ("numpy.core.multiarray", "_reconstruct"): _numpy_array,
 }
 
 
@@ -148,7 +158,9 @@ def _container_class(name: str) -> type:
     """A Record subclass standing for torch.nn.<name>: pickle's NEWOBJ creates it, BUILD fills its state."""
 
     def new(cls, *args, **kwargs):
-        return Record.__new__(cls)
+        obj = object.__new__(cls)
+        obj.class_name, obj.state, obj.module = name, {}, "torch"
+        return obj
 
     def init(self, *args, **kwargs):
         Record.__init__(self, name, module="torch")
