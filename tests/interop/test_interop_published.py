@@ -260,3 +260,34 @@ def test_fid_of_an_imported_snapshot(tmp_path, tiny_detector, capsys):
     assert main([*argv, *churn]) == 0
     fid = float(capsys.readouterr().out.split("fid ")[1].split()[0])
     assert np.isfinite(fid) and fid > 0
+
+
+def test_generate_from_an_imported_latent_snapshot(tmp_path, capsys):
+    """A latent network imported with --vae decodes to pixels: 8x8x4 latents -> 64x64 RGB images."""
+    from PIL import Image
+    from tests.vae import make_tiny_vae
+
+    vae = make_tiny_vae(tmp_path / "vae")  # SD's VAE shape (8 pixels per latent), few channels
+    dest = tmp_path / "latent"
+    assert (
+        main(["import", str(FIXTURES / "patch-adm-latent-cond.pkl"), "--dest", str(dest), "--vae", str(vae)])
+        == 0
+    )
+    assert "adm, 8x8x4, 10 classes, coordinates" in capsys.readouterr().out
+    out = tmp_path / "images"
+    args = [
+        "generate",
+        "--model",
+        str(dest),
+        "--outdir",
+        str(out),
+        "--seeds",
+        "0-1",
+        "--steps",
+        "3",
+        "--class",
+        "3",
+    ]
+    assert main([*args, "--device", "cpu", "--no-progress"]) == 0
+    with Image.open(out / "000001.png") as image:
+        assert image.size == (64, 64) and image.mode == "RGB"
