@@ -181,6 +181,11 @@ def test_unknown_classes_are_refused_naming_them(tmp_path, persistence, monkeypa
     odd = _write(tmp_path / "odd.pkl", {"ema": persistence("EDMPrecond", {"_modules": {"model": backbone}})})
     with pytest.raises(PublishedError, match="backbone class MyUNet is not supported"):
         convert(read_published(odd)["ema"])
+    # Records whose state is not a module's
+    from patchdiff.interop.published import Record
+
+    with pytest.raises(PublishedError, match="malformed network record"):
+        convert(Record("EDMPrecond", {"_modules": [1, 2]}))
     # A persistent object whose state smuggles a global is refused at that global.
     smuggled = _write(tmp_path / "smuggled.pkl", {"ema": persistence("EDMPrecond", {"x": SystemCall()})})
     with pytest.raises(PublishedError, match=r"refused: it refers to \w+\.system"):

@@ -61,6 +61,13 @@ class Converted:
 def convert(ema: Record) -> Converted:
     """Map a published denoiser (the snapshot's `ema`) onto our backbone; anything else is refused with a
     PublishedError naming what it found."""
+    try:
+        return _convert(ema)
+    except (AttributeError, TypeError) as error:  # a record whose state is not what a module holds
+        raise PublishedError(f"{ema.class_name}: malformed network record ({error})") from None
+
+
+def _convert(ema: Record) -> Converted:
     if ema.class_name not in WRAPPERS:
         raise PublishedError(
             f"network class {ema.class_name} is not supported; importable: {', '.join(WRAPPERS)}"
