@@ -57,6 +57,13 @@ class NetworkConfig:
     beta_end: float = 0.02
     num_train_timesteps: int = 1000
     augment_dim: int = 0  # --augment: length of the augmentation label (augment.AUGMENT_DIM); 0 = none
+    # Where networks imported from the published EDM / Patch Diffusion code differ from ours (see
+    # interop/convert.py); all False builds our own layout. DDPM++: positional-embedding frequencies
+    # spanning max_positions^0 .. max_positions^-1 inclusive. NCSN++: the progressive input's conv runs
+    # before its downsampling, not after. ADM: blocks narrower than one 64-channel head get no attention.
+    edm_noise_endpoint: bool = False
+    edm_aux_conv_first: bool = False
+    edm_attn_full_heads: bool = False
 
     @property
     def in_channels(self) -> int:
@@ -222,6 +229,8 @@ class TrainConfig:
     augment: float = 0.0  # non-leaking geometric augmentation: probability of each transform (augment.py)
     subset: int = 0  # train on this many images of the data set (0 = all; data/subset.py)
     subset_seed: int = -1  # ... the first ones (< 0) or a random choice with this seed
+    # A snapshot whose network and weights a new run starts from (fine-tuning, e.g. an imported one).
+    init_snapshot: str = ""
 
 
 # --------------------------------------------------------------------------- JSON round trip

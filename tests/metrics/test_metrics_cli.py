@@ -1,6 +1,7 @@
 """`patchdiff fid ref|calc` and compute_metrics end to end, with a tiny TorchScript detector."""
 
 import argparse
+import types
 
 import numpy as np
 import pytest
@@ -128,22 +129,32 @@ def test_calc_errors(setup):
         run_cli(["fid", "calc", "--model", str(tmp), "--ref", str(tmp / "edm.npz"), *common(detector)])
 
 
-def fake_generator(monkeypatch, real_folder):
-    """patchdiff.generation stand-ins: 'generation' returns the real PNGs, image i for seed i (mod 40)."""
+def fake_generator(monkeypatch, real_folder) -> list[dict]:
+    """patchdiff.generation stand-ins: 'generation' returns the real PNGs, image i for seed i (mod 40).
+    Returns the list into which each call's sampler settings go."""
     import patchdiff.generation
 
     real = torch.stack(
         [torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1) for p in sorted(real_folder.iterdir())]
     )
 
-    def fake_iter_images(model, seeds, batch_size, num_steps, class_label, cfg_scale, progress, sampler=None):
-        assert model == "loaded model" and num_steps == 5
+    calls = []
+
+    def fake_iter_images(
+        model, seeds, batch_size, num_steps, class_label, cfg_scale, progress, sampler=None, **churn
+    ):
+        assert model is loaded and num_steps == 5
+        calls.append(dict(sampler=sampler, cfg_scale=cfg_scale, **churn))
         for i in range(0, len(seeds), batch_size):
             batch = list(seeds[i : i + batch_size])
             yield batch, real[[s % len(real) for s in batch]]
 
-    monkeypatch.setattr(patchdiff.generation, "load", lambda path, device=None, vae=None: "loaded model")
+    # class-conditional, trained with label dropout: guidance (--cfg) applies
+    network = types.SimpleNamespace(label_dropout=0.1)
+    loaded = types.SimpleNamespace(label_dim=10, config=types.SimpleNamespace(network=network))
+    monkeypatch.setattr(patchdiff.generation, "load", lambda path, device=None, vae=None: loaded)
     monkeypatch.setattr(patchdiff.generation, "iter_images", fake_iter_images)
+    return calls
 
 
 def test_compute_metrics_and_calc_model_with_a_stand_in_generator(setup, monkeypatch, capsys):
@@ -193,3 +204,28 @@ def test_compute_metrics_and_calc_model_with_a_stand_in_generator(setup, monkeyp
     ]
     assert run_cli(argv) == 0
     assert parse_results(capsys.readouterr().out)["fid"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_calc_model_takes_the_sampler_preset_and_churn_flags(setup, monkeypatch, capsys):
+    """`fid calc --model` samples as `generate` does: --preset and the stochastic sampler's flags."""
+    tmp, detector = setup
+    calls = fake_generator(monkeypatch, tmp / "real")
+    save_reference(reference_from_features(np.zeros((3, 16)), kid_features=0), tmp / "ref.npz")
+    argv = [
+        "fid",
+        "calc",
+        "--model",
+        str(tmp),
+        "--num",
+        "8",
+        "--ref",
+        str(tmp / "ref.npz"),
+        *common(detector),
+    ]
+    # the paper's ADM latent sampler (Heun with churn), with a flag given on the command line winning
+    assert run_cli([*argv, "--preset", "adm-latent", "--steps", "5", "--S-noise", "1.5"]) == 0
+    assert calls[-1] == dict(sampler="heun", cfg_scale=1.3, S_churn=40.0, S_min=0.05, S_max=50.0, S_noise=1.5)
+    assert run_cli([*argv, "--steps", "5", "--sampler", "euler", "--S-churn", "10", "--S-max", "2"]) == 0
+    assert calls[-1] == dict(sampler="euler", cfg_scale=1.0, S_churn=10.0, S_min=0.0, S_max=2.0, S_noise=1.0)
+    with pytest.raises(ValueError, match="--S-churn -1"):
+        run_cli([*argv, "--steps", "5", "--S-churn", "-1"])

@@ -3,6 +3,7 @@
     patchdiff fid ref  --data DATASET --dest REF.npz
     patchdiff fid calc --images DIR|ZIP --ref REF.npz
     patchdiff fid calc --model RUN_DIR|SNAPSHOT --num 50000 --ref REF.npz [--sampler S] [--steps N] [--seeds 0]
+        [--preset adm-latent] [--S-churn C --S-min A --S-max B --S-noise S]   (generate's sampler flags)
 
 Works under torchrun (images split over processes). Results go to stdout one per line.
 """
@@ -17,6 +18,7 @@ import torch
 
 from patchdiff import distributed
 from patchdiff.cli.checks import writable_file
+from patchdiff.cli.generate import add_sampler_flags, sampler_kwargs
 from patchdiff.metrics.detector import CONVENTIONS, Detector, load_detector
 from patchdiff.metrics.features import dataset_features, generated_features
 from patchdiff.metrics.fid import (
@@ -28,7 +30,7 @@ from patchdiff.metrics.fid import (
     save_reference,
     score_features,
 )
-from patchdiff.sampling import DEFAULT_SAMPLER, SAMPLERS
+from patchdiff.presets import SAMPLER_PRESETS, add_preset_flag
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -97,14 +99,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--seeds", type=int, default=0, metavar="START", help="first seed; image i uses START+i"
     )
     calc.add_argument(
-        "--sampler", choices=list(SAMPLERS), default=DEFAULT_SAMPLER, help="sampler (with --model)"
-    )
-    calc.add_argument("--steps", type=int, default=None, help="sampler steps (default: the sampler's)")
-    calc.add_argument("--class", dest="class_label", type=int, default=None, help="class of every image")
-    calc.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale")
-    calc.add_argument(
         "--vae", metavar="ID|PATH", help="latent models: decode with this VAE, not the recorded one"
     )
+    # With --model: the same sampler flags and presets as `generate` (--class: the class of every image).
+    add_sampler_flags(calc, batch_and_device=False)
+    add_preset_flag(calc, SAMPLER_PRESETS)
     p.set_defaults(func=run)
 
 
@@ -157,22 +156,23 @@ def run_calc(args: argparse.Namespace, device: torch.device) -> int:
         features = dataset_features(dataset, detector, args.batch, args.num, args.progress, args.workers)
     else:
         from patchdiff.generation import check_sampling_args, load
-        from patchdiff.sampling import resolve_sampler
 
         model = load(args.model, device, vae=args.vae)
         seeds = range(args.seeds, args.seeds + args.num)
-        _, num_steps = resolve_sampler(args.sampler, args.steps)
-        check_sampling_args(model, seeds, args.batch, num_steps, args.class_label, args.cfg)
+        kw = sampler_kwargs(args)
+        check_sampling_args(model, seeds, args.batch, kw["num_steps"], args.class_label, args.cfg)
+        churn = {k: kw[k] for k in ("S_churn", "S_min", "S_max", "S_noise")}
         features = generated_features(
             model,
             detector,
             seeds,
             args.batch,
-            args.steps,
+            kw["num_steps"],
             args.class_label,
             args.cfg,
             args.progress,
-            sampler=args.sampler,
+            sampler=kw["sampler"],
+            **churn,
         )
     _say(_timed(time.perf_counter() - start, len(features)))
     check_features(features, ref)  # on every rank, so that none waits at the barrier for a failed one

@@ -21,7 +21,8 @@ from patchdiff.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, NETWORK_CALLS, SA
 from patchdiff.training.checkpoint import atomic_write
 
 
-def add_sampler_flags(p: argparse.ArgumentParser) -> None:
+def add_sampler_flags(p: argparse.ArgumentParser, batch_and_device: bool = True) -> None:
+    """The sampler's flags (also `fid calc --model`'s, which has its own --batch and --device)."""
     g = p.add_argument_group("sampler")
     defaults = ", ".join(f"{name} {n} ({NETWORK_CALLS[name](n)} calls)" for name, n in DEFAULT_STEPS.items())
     g.add_argument("--steps", type=int, help=f"sampling steps N (default per sampler: {defaults})")
@@ -40,8 +41,9 @@ def add_sampler_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--S-noise", type=float, default=1.0, help="noise inflation of the churn")
     g.add_argument("--class", dest="class_label", type=int, help="class index (default: random per seed)")
     g.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
-    g.add_argument("--batch", type=int, default=32, help="images per batch")
-    g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    if batch_and_device:
+        g.add_argument("--batch", type=int, default=32, help="images per batch")
+        g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
 
 
 def sampler_kwargs(args: argparse.Namespace) -> dict:

@@ -74,6 +74,13 @@ def add_backbone_flags(p: argparse.ArgumentParser) -> None:
         help="pretrained diffusers UNet2DModel to fine-tune: a hub id or a save_pretrained folder",
     )
     g.add_argument(
+        "--init-snapshot",
+        metavar="SNAPSHOT",
+        default="",
+        help="start a new run from this patchdiff snapshot's network and weights (fine-tuning, e.g. one "
+        "made by `patchdiff import`); the network flags then do not apply",
+    )
+    g.add_argument(
         "--prediction",
         choices=["edm", "epsilon", "v_prediction"],
         help="what the diffusers UNet predicts (default: edm; with --init-from, its scheduler's type)",
@@ -335,6 +342,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise ValueError(
             f"--coord-embed {args.coord_embed} embeds the coordinates that --no-coords leaves out; drop one"
         )
+    network_flags = sorted(
+        f for f in getattr(args, "given_flags", ()) if FIELD_OF_FLAG.get(f, "").startswith("network.")
+    )
+    if args.init_snapshot and network_flags:
+        flags = ", ".join("--" + f.replace("_", "-") for f in network_flags)
+        raise ValueError(f"--init-snapshot takes the network from the snapshot; drop {flags}")
     if (args.init_from or args.prediction) and args.arch != "diffusers-unet":
         raise ValueError(f"--init-from and --prediction need --arch diffusers-unet, not {args.arch!r}")
     if args.arch == "diffusers-unet" and not args.resume:  # a resumed run keeps its saved network config
@@ -385,6 +398,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         augment=args.augment,
         subset=args.subset,
         subset_seed=args.subset_seed,
+        init_snapshot=args.init_snapshot,
     )
 
 

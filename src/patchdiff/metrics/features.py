@@ -81,9 +81,11 @@ def generated_features(
     cfg_scale: float = 1.0,
     progress: bool = False,
     sampler: str | None = None,
+    **churn: float,
 ) -> torch.Tensor:
     """Features [len(seeds), D] (float32, CPU) of images generated from `seeds` (one per image), never
-    written to disk. `model` is what `patchdiff.generation.load` returns."""
+    written to disk. `model` is what `patchdiff.generation.load` returns; `churn`: the stochastic
+    sampler's S_churn, S_min, S_max, S_noise (generation.iter_images)."""
     from patchdiff.generation import iter_images  # the sampler front end; imported late to keep this light
 
     total = len(seeds)
@@ -103,6 +105,7 @@ def generated_features(
                 class_label=class_label,
                 cfg_scale=cfg_scale,
                 progress=False,
+                **churn,
             )
             for _, images in batches:
                 chunks.append(detector(images))

@@ -101,6 +101,8 @@ class ADMUNet(nn.Module):
     def _block(
         self, c_in: int, c_out: int, resample: ResampleMode = "none", attention: bool = False
     ) -> ResBlock:
+        if self.cfg.edm_attn_full_heads and c_out < HEAD_CHANNELS:
+            attention = False  # as the published code: out // 64 = 0 heads means no attention
         return ResBlock(
             c_in,
             c_out,

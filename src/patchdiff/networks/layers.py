@@ -116,14 +116,16 @@ class Resample(nn.Module):
 
 class PositionalEmbedding(nn.Module):
     """Transformer sinusoidal embedding of a scalar (Vaswani et al. 2017), as in DDPM / DDPM++ / ADM:
-    [cos(c f_i), sin(c f_i)] with frequencies f_i = max_positions^(-i / half), i = 0 .. half-1."""
+    [cos(c f_i), sin(c f_i)] with frequencies f_i = max_positions^(-i / half), i = 0 .. half-1; with
+    `endpoint`, f_i = max_positions^(-i / (half - 1)), so the last frequency is exactly 1 / max_positions."""
 
-    def __init__(self, num_channels: int, max_positions: float = 10_000.0):
+    def __init__(self, num_channels: int, max_positions: float = 10_000.0, endpoint: bool = False):
         super().__init__()
         if num_channels % 2:
             raise ValueError(f"embedding size {num_channels} must be even")
         half = num_channels // 2
-        freqs = max_positions ** (-torch.arange(half, dtype=torch.float32) / half)
+        steps = max(half - 1, 1) if endpoint else half
+        freqs = max_positions ** (-torch.arange(half, dtype=torch.float32) / steps)
         self.register_buffer("freqs", freqs, persistent=False)  # deterministic: not state
 
     def forward(self, c: torch.Tensor) -> torch.Tensor:

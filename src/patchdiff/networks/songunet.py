@@ -83,7 +83,7 @@ class SongUNet(nn.Module):
 
         # Noise (and label) embedding.
         if embedding == "positional":
-            self.map_noise: nn.Module = PositionalEmbedding(noise_channels)
+            self.map_noise: nn.Module = PositionalEmbedding(noise_channels, endpoint=cfg.edm_noise_endpoint)
         elif embedding == "fourier":
             self.map_noise = FourierEmbedding(noise_channels)
         else:
@@ -113,9 +113,12 @@ class SongUNet(nn.Module):
                 skips.append(c)
                 if self.enc_aux is not None:
                     # Progressive input: the previous level's output, downsampled and projected.
-                    self.enc_aux.append(
-                        nn.Sequential(Resample("down", resample_filter), conv(c_aux, c, 3, INIT))
-                    )
+                    if cfg.edm_aux_conv_first:
+                        self.enc_aux.append(ConvDown(c_aux, c, resample_filter))
+                    else:
+                        self.enc_aux.append(
+                            nn.Sequential(Resample("down", resample_filter), conv(c_aux, c, 3, INIT))
+                        )
                     c_aux = c
             for _ in range(cfg.num_blocks):
                 blocks.append(self._block(c, mc * mult, attention=level in attn))
@@ -198,6 +201,25 @@ class SongUNet(nn.Module):
             for block in blocks:
                 x = block(torch.cat([x, skips.pop()], dim=1), emb)
         return self.out_conv(F.silu(self.out_norm(x)))
+
+
+class ConvDown(nn.Module):
+    """The progressive input path as the published EDM code builds it (cfg.edm_aux_conv_first): a 3x3
+    conv at full resolution, padded by the filter's reach as well, then the FIR filter with stride 2 and
+    no further padding. Same output size as Resample("down") followed by the conv, different values."""
+
+    def __init__(self, c_in: int, c_out: int, resample_filter: tuple[int, ...]):
+        super().__init__()
+        self.pad = (len(resample_filter) - 1) // 2
+        self.conv = conv(c_in, c_out, 3, INIT)
+        self.conv.padding = (1 + self.pad, 1 + self.pad)
+        f = torch.as_tensor(resample_filter, dtype=torch.float32)
+        self.register_buffer("f", (torch.outer(f, f) / f.sum() ** 2)[None, None], persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        C = x.shape[1]
+        return F.conv2d(x, self.f.to(x.dtype).expand(C, 1, -1, -1), stride=2, groups=C)
 
 
 def ddpmpp(cfg: NetworkConfig) -> SongUNet:

@@ -40,7 +40,7 @@ from patchdiff.training.faults import Faults
 from patchdiff.training.lock import RunLock
 from patchdiff.training.mfu import achieved, flops_by_crop
 from patchdiff.training.optim import make_adam
-from patchdiff.training.setup import Setup, new_run_dir
+from patchdiff.training.setup import Setup, load_init_weights, new_run_dir
 from patchdiff.training.signals import RunInterruptedError, StopRequests, ignore_stop_signals, signal_name
 from patchdiff.training.stream import CropDataset, StreamSampler, step_seed
 
@@ -85,6 +85,8 @@ class Run:
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every process and every run
         self.denoiser = build_denoiser(cfg, pretrained=state is None).to(dev)  # a resumed run has its weights
+        if state is None and cfg.init_snapshot:
+            load_init_weights(self.denoiser, cfg.init_snapshot)  # fine-tuning starts from these weights
         if dev.type == "cuda":  # what cuDNN's fastest convolutions and bf16 tensor cores want
             self.denoiser = self.denoiser.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.denoiser).eval().requires_grad_(False)

@@ -17,7 +17,14 @@ from patchdiff.config import TrainConfig, from_json, to_dict
 from patchdiff.data import ImageDataset, open_dataset
 from patchdiff.data.latents import resolve_latent
 from patchdiff.patching import PatchSchedule, resolve_schedule
-from patchdiff.training.checkpoint import StateError, check_state, find_resume_state, load_state
+from patchdiff.training.checkpoint import (
+    StateError,
+    check_state,
+    find_resume_state,
+    load_state,
+    newest_snapshot,
+    read_snapshot,
+)
 from patchdiff.training.lock import RunLock, RunLockedError
 from patchdiff.training.stream import StepPlan
 
@@ -195,6 +202,45 @@ def make_plan(
     )
 
 
+def init_snapshot_file(path: str) -> Path:
+    """--init-snapshot: a snapshot file, or a run (or import) folder's newest snapshot."""
+    return newest_snapshot(path) if Path(path).is_dir() else Path(path)
+
+
+def snapshot_network(cfg: TrainConfig):
+    """(network config, sigma_data) of --init-snapshot."""
+    try:
+        _, saved, _ = read_snapshot(init_snapshot_file(cfg.init_snapshot))
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"--init-snapshot {cfg.init_snapshot}: {' '.join(str(error).split())}") from None
+    return saved.network, saved.loss.sigma_data
+
+
+def check_snapshot_fits(cfg: TrainConfig, net) -> None:
+    """The data decides resolution, channels, classes and coordinates; they must be the snapshot's."""
+    fields = ("resolution", "img_channels", "coord_channels", "label_dim")
+    wrong = [
+        f"{f} {getattr(net, f)} (data: {getattr(cfg.network, f)})"
+        for f in fields
+        if getattr(net, f) != getattr(cfg.network, f)
+    ]
+    if wrong:
+        raise ValueError(
+            f"--init-snapshot {cfg.init_snapshot} does not fit {cfg.data}: the snapshot's {', '.join(wrong)}; "
+            "use data of its size and channels (and --cond / --no-coords as it was trained)"
+        )
+
+
+def load_init_weights(denoiser, path: str) -> None:
+    """The --init-snapshot weights into a freshly built denoiser."""
+    state, _, _ = read_snapshot(init_snapshot_file(path))
+    try:
+        denoiser.load_state_dict(state)
+    except RuntimeError as error:
+        msg = str(error).strip().splitlines()[0][:200]
+        raise ValueError(f"--init-snapshot {path} does not fit the network of its config ({msg})") from None
+
+
 def new_run_dir(cfg: TrainConfig) -> Path:
     outdir = Path(cfg.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -327,6 +373,16 @@ def prepare(
                     f"--augment {cfg.augment}: the resumed run {state_path} was trained without it, so its "
                     "network has no augmentation input; drop --augment or start a new run"
                 )
+        start = snapshot_network(cfg) if state is None and cfg.init_snapshot else None
+        if start is not None:  # fine-tuning: the snapshot's network, not the flags'
+            if cfg.augment > 0 and not start[0].augment_dim:
+                raise ValueError(
+                    f"--augment {cfg.augment}: the network of --init-snapshot {cfg.init_snapshot} has no "
+                    "augmentation input; drop --augment"
+                )
+            cfg = dataclasses.replace(
+                cfg, network=start[0], loss=dataclasses.replace(cfg.loss, sigma_data=start[1])
+            )
         dataset = open_dataset(cfg.data, xflip=cfg.xflip, cache=cfg.cache)
         if cfg.subset:
             from patchdiff.data.subset import training_subset
@@ -336,6 +392,8 @@ def prepare(
         if state_path is not None:
             latent = keep_latent(cfg, latent, state_path)
         cfg = resolve(latent, dataset)
+        if start is not None:
+            check_snapshot_fits(cfg, start[0])
         schedule = resolve_schedule(cfg.patch, tuple(cfg.image_size), cfg.network.min_crop)
         batch_gpu, rounds = batch_split(cfg, world)
         if cfg.metrics:
