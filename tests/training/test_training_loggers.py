@@ -123,3 +123,4 @@ def test_wandb_that_cannot_start_is_one_line(landscapes, tmp_path, monkeypatch):
         RuntimeError, match=r"--logger wandb: could not start the W&B run \(api_key .*wandb login"
     ):
         train(cfg, progress=False, grid=0)
+    assert not list(tmp_path.iterdir())  # the new run's folder is gone: nothing half-made
