@@ -88,6 +88,18 @@ def test_default_stochastic_schedule_sizes_and_multipliers():
     assert latent.sizes == (16, 32) and latent.probs == pytest.approx((0.7, 0.3))
 
 
+def test_rectangle_schedule_square_crops_then_the_whole_frame():
+    # H x W = 16 x 24: square crops of side R/4, R/2 with R = min(H, W) = 16, then the whole 16 x 24 frame.
+    s = resolve_schedule(PatchConfig(schedule="stochastic"), (16, 24), min_crop=2)
+    assert s.sizes == (4, 8, 16)
+    assert [s.crop_shape(i) for i in range(3)] == [(4, 4), (8, 8), (16, 24)]
+    # Images per base image: sqrt(frame pixels / crop pixels), so the whole frame takes one.
+    assert s.batch_mult == pytest.approx((math.sqrt(384 / 16), math.sqrt(384 / 64), 1.0))
+    assert [s.images_per_round(8, i) for i in range(3)] == [39, 20, 8]
+    # A square frame keeps the paper's R/P exactly.
+    assert resolve_schedule(PatchConfig(), (48, 48), min_crop=4).batch_mult == (4.0, 2.0, 1.0)
+
+
 def test_schedule_frequencies_match_probabilities():
     s = resolve_schedule(PatchConfig(schedule="stochastic", real_p=0.5), (64, 64))
     n = 20000

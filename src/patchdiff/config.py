@@ -155,7 +155,8 @@ class PatchConfig:
     """How crops are drawn (Patch Diffusion, Sec. 3).
 
     `sizes` empty means the default for the resolution: (R/4, R/2, R) in pixel space, (R/2, R) in
-    latent space, with probabilities from `real_p`. `batch_mult` empty means R/P images per crop.
+    latent space, with probabilities from `real_p`. `batch_mult` empty means R/P images per crop
+    (sqrt(frame pixels / crop pixels) for an H x W frame; patching.default_batch_mult).
     """
 
     # progressive: the best crop schedule in every comparison of docs/evidence.md (the paper's default

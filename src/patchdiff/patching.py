@@ -224,7 +224,20 @@ def resolve_schedule(cfg: PatchConfig, image_size: tuple[int, int], min_crop: in
                 f"patch size {s} is not a multiple of {min_crop}, which the network's down-sampling "
                 f"needs; pick sizes that are, or fewer --cres levels"
             )
-    batch_mult = tuple(cfg.batch_mult) if cfg.batch_mult else tuple(R / s for s in sizes)
+    if cfg.batch_mult:
+        batch_mult = tuple(cfg.batch_mult)
+    else:  # R/P for square images; in general sqrt(frame pixels / crop pixels), the whole frame 1
+        shapes = [(H, W) if s >= R else (s, s) for s in sizes]
+        batch_mult = tuple(default_batch_mult((H, W), shape) for shape in shapes)
     if len(batch_mult) != len(sizes) or any(m <= 0 for m in batch_mult):
         raise ValueError(f"batch multipliers {batch_mult} must be positive, one per patch size {sizes}")
     return PatchSchedule(cfg.schedule, (H, W), sizes, probs, batch_mult, cfg.coords, cfg.finish_full)
+
+
+def default_batch_mult(frame: tuple[int, int], crop: tuple[int, int]) -> float:
+    """Images per base image for crops of shape `crop` = (h, w) cut from frames of shape (H, W):
+    sqrt(H*W / (h*w)), the square root of the inverse of the crop's share of the frame's pixels. For a
+    square image this is the paper's R/P; a rectangle's square crops get the same rule from their share
+    of its pixels, and the whole frame gets 1."""
+    (H, W), (h, w) = frame, crop
+    return math.sqrt(H * W) / math.sqrt(h * w)  # exactly R / P for squares (integer square roots)

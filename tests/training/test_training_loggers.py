@@ -107,3 +107,20 @@ def test_wandb_offline_run_continues_on_resume(landscapes, tmp_path, monkeypatch
         while b"train/loss_crop" not in (folder / f"run-{run_id}.wandb").read_bytes():
             assert time.time() < deadline, f"no scalars in {folder}"
             time.sleep(0.5)
+
+
+def test_wandb_that_cannot_start_is_one_line(landscapes, tmp_path, monkeypatch):
+    import wandb
+
+    def refuse(**_):
+        raise wandb.errors.UsageError(
+            "api_key not configured (no-tty).\nCall wandb.login(key=[your_api_key])"
+        )
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    cfg = tiny_config(str(landscapes), str(tmp_path), loggers=("wandb",), duration_kimg=0.01)
+    with pytest.raises(
+        RuntimeError, match=r"--logger wandb: could not start the W&B run \(api_key .*wandb login"
+    ):
+        train(cfg, progress=False, grid=0)
+    assert not list(tmp_path.iterdir())  # the new run's folder is gone: nothing half-made

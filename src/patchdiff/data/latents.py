@@ -236,7 +236,7 @@ def encode_dataset(
     work = dest.with_name(dest.name + PARTIAL)
     settings = dict(
         format=FORMAT,
-        source=str(Path(source).resolve()),
+        source=str(source) if str(source).startswith("hf:") else str(Path(source).resolve()),  # hub: a name
         vae=vae.source,
         resolution=list(resolution) if resolution else None,
         transform=transform,

@@ -11,6 +11,7 @@ import copy
 import json
 import math
 import resource
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -131,11 +132,8 @@ class Run:
                 )
 
         self.loggers = None  # tensorboard / wandb sinks of the stats records, rank 0 only
-        if self.main and cfg.loggers:
-            from patchdiff.training.loggers import open_loggers
-
-            resumed = None if state is None else plan.nimg(self.at_step) / 1000
-            self.loggers = open_loggers(cfg.loggers, self.run_dir, json.loads(to_json(cfg)), resumed)
+        if cfg.loggers:
+            self.open_loggers(state is None)
         # Counted once per crop size (before DDP wraps the model): each tick's TFLOP/s costs no sync.
         self.flops_by_size = flops_by_crop(self.denoiser, schedule, cfg.network.img_channels)
         self.tick_flops = 0.0
@@ -206,6 +204,26 @@ class Run:
             run_dir = new_run_dir(self.cfg)
             self.lock = RunLock(run_dir).acquire()
         return Path(dist.broadcast_object(str(run_dir) if self.main else None))
+
+    def open_loggers(self, new_run: bool) -> None:
+        """Rank 0 opens the loggers; if one cannot start (say W&B without a login), every rank stops,
+        and a new run's folder, which holds nothing yet, is removed."""
+        from patchdiff.training.loggers import open_loggers
+
+        error = None
+        if self.main:
+            resumed = None if new_run else self.plan.nimg(self.at_step) / 1000
+            try:
+                self.loggers = open_loggers(
+                    self.cfg.loggers, self.run_dir, json.loads(to_json(self.cfg)), resumed
+                )
+            except Exception as e:
+                error = e
+                if new_run:
+                    self.log_file.close()
+                    self.lock.release()
+                    shutil.rmtree(self.run_dir, ignore_errors=True)
+        dist.agree_on_error(error)
 
     # ------------------------------------------------------------------ small helpers
 

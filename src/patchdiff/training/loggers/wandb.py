@@ -27,14 +27,21 @@ class WandbLogger:
         )  # W&B ids: short, [a-z0-9]
         if not id_path.is_file():
             atomic_write(id_path, lambda tmp: Path(tmp).write_text(run_id + "\n"))
-        self.run = wandb.init(
-            project=os.environ.get("WANDB_PROJECT", "patchdiff"),
-            name=run_dir.name,
-            id=run_id,
-            resume="allow",
-            dir=os.environ.get("WANDB_DIR", str(run_dir)),
-            config=config,
-        )
+        try:
+            self.run = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "patchdiff"),
+                name=run_dir.name,
+                id=run_id,
+                resume="allow",
+                dir=os.environ.get("WANDB_DIR", str(run_dir)),
+                config=config,
+            )
+        except Exception as error:  # no API key, no network, a bad entity: W&B raises many kinds
+            reason = " ".join(str(error).split())[:200] or type(error).__name__
+            raise RuntimeError(
+                f"--logger wandb: could not start the W&B run ({reason}); run `wandb login`, or set "
+                "WANDB_MODE=offline and `wandb sync` later"
+            ) from None
 
     def log(self, values: dict, step: int) -> None:
         # A resumed run repeats the steps it logged between its last state and a crash; W&B refuses
