@@ -145,6 +145,7 @@ def test_the_cli_regions_canvases_and_inpainting(tiny_run, tmp_path, capsys):
         (["--mask", str(tmp_path / "mask.png")], "needs --init"),
         (["--init", str(tmp_path / "missing.png")], "--init"),
         (["--region", "0,0,8,8", "--tile"], "does not combine"),
+        (["--tile-coords", "canvas"], "need --tile"),
     ]:
         assert main([*base, "--outdir", str(tmp_path / "e"), *flags]) == 2
         err = capsys.readouterr().err.strip().splitlines()
