@@ -146,6 +146,7 @@ def test_the_cli_regions_canvases_and_inpainting(tiny_run, tmp_path, capsys):
         (["--init", str(tmp_path / "missing.png")], "--init"),
         (["--region", "0,0,8,8", "--tile"], "does not combine"),
         (["--tile-coords", "canvas"], "need --tile"),
+        (["--init", str(tmp_path / "init.png")], "nothing to generate"),
     ]:
         assert main([*base, "--outdir", str(tmp_path / "e"), *flags]) == 2
         err = capsys.readouterr().err.strip().splitlines()

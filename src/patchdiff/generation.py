@@ -304,6 +304,11 @@ def known_in_model_space(
             )
         keep = (~known.generate.to(model.device, torch.bool)).to(torch.float32)[None, None]
     pixels = image[None].to(torch.float32) / 127.5 - 1
+    if bool(keep.min() == 1) and (h, w) == canvas.size and not model.config.latent.vae:
+        raise ValueError(
+            "the known image covers the whole canvas and the mask (if any) is all black: nothing to generate; "
+            "give a --mask with white where to generate, or a larger --canvas to out-paint"
+        )
     if not model.config.latent.vae:
         if c != model.img_channels:
             raise ValueError(f"the known image has {c} channels but the model makes {model.img_channels}")
