@@ -94,6 +94,8 @@ def test_latent_inpainting_encodes_once_and_keeps_the_pixels(tiny_vae):  # noqa:
     out = generate(model, [0, 1, 2], batch_size=2, num_steps=2, known=Known(image, generate_mask))
     assert out.shape == (3, 3, 32, 32) and calls == [(1, 3, 32, 32)]
     assert torch.equal(out[:, :, ~generate_mask], image[:, ~generate_mask].expand(3, -1, -1))
+    with pytest.raises(ValueError, match="nothing to generate"):
+        generate(model, [0], num_steps=2, known=Known(image))
     with pytest.raises(ValueError, match="multiples of 8"):
         generate(model, [0], num_steps=2, known=Known(known_image(3, 12, 12)))
 
@@ -145,6 +147,8 @@ def test_the_cli_regions_canvases_and_inpainting(tiny_run, tmp_path, capsys):
         (["--mask", str(tmp_path / "mask.png")], "needs --init"),
         (["--init", str(tmp_path / "missing.png")], "--init"),
         (["--region", "0,0,8,8", "--tile"], "does not combine"),
+        (["--tile-coords", "canvas"], "need --tile"),
+        (["--init", str(tmp_path / "init.png")], "nothing to generate"),
     ]:
         assert main([*base, "--outdir", str(tmp_path / "e"), *flags]) == 2
         err = capsys.readouterr().err.strip().splitlines()

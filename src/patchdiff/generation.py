@@ -307,15 +307,22 @@ def known_in_model_space(
             )
         keep = (~known.generate.to(model.device, torch.bool)).to(torch.float32)[None, None]
     pixels = image[None].to(torch.float32) / 127.5 - 1
+    f = 1  # pixels per cell of the model's grid
+    if model.config.latent.vae:
+        if model.vae is None:
+            model.vae = load_vae(model.config.latent.vae, model.device)
+        f = model.vae.factor
+    if bool(keep.min() == 1) and (h, w) == (canvas.size[0] * f, canvas.size[1] * f):
+        raise ValueError(
+            "the known image covers the whole canvas and the mask (if any) is all black: nothing to generate; "
+            "give a --mask with white where to generate, or a larger --canvas to out-paint"
+        )
     if not model.config.latent.vae:
         if c != model.img_channels:
             raise ValueError(f"the known image has {c} channels but the model makes {model.img_channels}")
         x, _ = place(pixels, canvas.size)
         keep_x, _ = place(keep, canvas.size)
         return x, keep_x, x, keep_x
-    if model.vae is None:
-        model.vae = load_vae(model.config.latent.vae, model.device)
-    f = model.vae.factor
     if h % f or w % f or c != 3:
         raise ValueError(
             f"a latent model's known image must be RGB with sides multiples of {f}; got {c}x{h}x{w}"

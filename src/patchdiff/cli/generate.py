@@ -142,8 +142,8 @@ def canvas_from_args(args: argparse.Namespace, frame: tuple[int, int]) -> Canvas
     if region:
         x0, y0, h, w = region
         return region_canvas(frame, x0, y0, h, w)
-    if args.tile_stride is not None and not args.tile:
-        raise ValueError(f"--tile-stride {args.tile_stride} needs --tile")
+    if (args.tile_stride is not None or args.tile_coords != "frame") and not args.tile:
+        raise ValueError("--tile-stride and --tile-coords need --tile")
     if not size and not args.tile:
         return None
     return centred_canvas(
