@@ -9,6 +9,11 @@ configuration, and configurations that add their own flags:
      "budget_flops": 2e13, "points": 4,
      "metrics": ["fid", "kid"], "metric_num": 1000, "metric_ref": "ref.npz", "detector": "det.pt"}
 
+Data efficiency: `patchdiff train` flags such as `--subset 500 --subset-seed 0` (a training subset) and
+`--augment 0.12` go into base_flags or a configuration's flags. `"memorisation": 1000` measures, at
+every snapshot, the share of 1000 samples that copy a training image, and draws a nearest-neighbour
+grid of the last one (`nn_rows` samples, each with its `nn_k` nearest training images).
+
 Instead of `budget_flops`, `budget_kimg` with `budget_of` sets the budget to what configuration
 `budget_of` spends in that many kimg. Relative paths are relative to the study file.
 
@@ -78,6 +83,9 @@ class StudyConfig:
     launcher: tuple[str, ...] = ()  # default: this Python, `-m`
     heldout: str = ""  # a data set of held-out images: the final snapshots' loss by noise level
     heldout_num: int = 500
+    memorisation: int = 0  # samples per snapshot for the memorised share (compare/memorisation.py); 0 = off
+    nn_rows: int = 8  # nearest-neighbour grid: samples (rows) ...
+    nn_k: int = 4  # ... and the nearest training images beside each
 
 
 def load_study(path: str | os.PathLike) -> StudyConfig:
@@ -135,6 +143,11 @@ def check_study(study: StudyConfig, source: str | os.PathLike = "study") -> None
         raise ValueError(f"{source}: points {study.points} must be at least 1 (and a configuration's >= 0)")
     if study.heldout and not Path(study.heldout).exists():
         raise FileNotFoundError(f"{source}: held-out set {study.heldout!r} does not exist")
+    if study.memorisation < 0 or study.nn_rows < 1 or study.nn_k < 2:
+        raise ValueError(
+            f"{source}: memorisation {study.memorisation} must be >= 0 (0 = off), nn_rows {study.nn_rows} >= 1 "
+            f"and nn_k {study.nn_k} >= 2"
+        )
     if study.heldout_num < 1:
         raise ValueError(f"{source}: heldout_num {study.heldout_num} must be at least 1")
     if not Path(study.data).exists():
