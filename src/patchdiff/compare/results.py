@@ -78,8 +78,9 @@ def plot_fid(results: dict[str, dict], x: str, path: Path, dpi: int = 100) -> Pa
             xs = s.kimg
         elif x == "time_s":
             xs = s.time_s / scale
-        else:
-            xs = s.kimg * 1000 * results[name]["flops_per_image"]
+        else:  # the run's own cumulative count where logged; else the plan's estimate (older runs)
+            estimate = s.kimg * 1000 * results[name]["flops_per_image"]
+            xs = estimate if s.flops is None else np.where(np.isfinite(s.flops), s.flops, estimate)
         ax.plot(xs, s.value, "o-", ms=3, color=f"C{i}", label=name)
         values.extend(v for v in s.value if math.isfinite(v))
     if values and min(values) > 0 and max(values) > 5 * min(values):

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from patchdiff.config import TrainConfig, from_dict
-from patchdiff.flops import kimg_for_budget, training_flops
+from patchdiff.flops import crop_phase_flops_per_image, fixed_kimg_for_budget, kimg_for_budget, training_flops
 
 # Flags the runner sets itself; a study may not set them.
 RUNNER_FLAGS = (
@@ -186,12 +186,33 @@ def plan_study(study: StudyConfig, outdir: Path) -> dict[str, dict]:
                 flops_per_image=counted["per_image"],
                 flops_by_size={str(k): v for k, v in counted["by_size"].items()},
             )
+            if cfg.patch.schedule == "fixed":  # its cost per image depends on the length: keep the parts
+                from patchdiff.patching import resolve_schedule
+
+                schedule = resolve_schedule(cfg.patch, tuple(cfg.image_size), cfg.network.min_crop)
+                plan[run.name]["fixed"] = dict(
+                    crop_kimg=schedule.crop_kimg,
+                    crop_per_image=crop_phase_flops_per_image(schedule, counted["by_size"]),
+                    full_per_image=counted["by_size"][schedule.sizes[-1]],
+                )
             atomic_write_text(plan_path, json.dumps(plan, indent=2))
-    budget = study.budget_flops or study.budget_kimg * 1000 * plan[study.budget_of]["flops_per_image"]
+    budget = study.budget_flops
+    if not budget:
+        of, kimg = plan[study.budget_of], study.budget_kimg
+        if "fixed" in of:  # crop phase, then whole images
+            f = of["fixed"]
+            crop = min(f["crop_kimg"], kimg)
+            budget = 1000 * (crop * f["crop_per_image"] + (kimg - crop) * f["full_per_image"])
+        else:
+            budget = kimg * 1000 * of["flops_per_image"]
     for run in study.configs:
         entry = plan[run.name]
         entry["budget_flops"] = budget
-        entry["kimg"] = kimg_for_budget(budget, entry["flops_per_image"])
+        if "fixed" in entry:
+            entry["kimg"] = fixed_kimg_for_budget(budget, **entry["fixed"])
+            entry["flops_per_image"] = budget / (entry["kimg"] * 1000)  # the run's average
+        else:
+            entry["kimg"] = kimg_for_budget(budget, entry["flops_per_image"])
     atomic_write_text(plan_path, json.dumps(plan, indent=2))
     return {run.name: plan[run.name] for run in study.configs}
 

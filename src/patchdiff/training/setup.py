@@ -48,6 +48,10 @@ def check_config(cfg: TrainConfig) -> None:
         if not math.isfinite(value) or value < 0 or (value == 0 and (flag, name) in POSITIVE):
             need = "a finite number > 0" if (flag, name) in POSITIVE else "a finite number >= 0"
             raise ValueError(f"{flag} {value}: must be {need}")
+    if not (math.isfinite(cfg.lr_cooldown) and 0.0 <= cfg.lr_cooldown <= 1.0):
+        raise ValueError(f"--lr-cooldown {cfg.lr_cooldown}: must be a share of the run in [0, 1]")
+    if cfg.ema_unit not in ("images", "steps"):
+        raise ValueError(f"--ema-unit {cfg.ema_unit!r}: choose images or steps")
     if cfg.max_bad_steps < 1:
         raise ValueError(f"max_bad_steps {cfg.max_bad_steps}: must be at least 1")
 
