@@ -200,12 +200,10 @@ class TrainConfig:
     checkpoint_minutes: float = 10.0  # ... and at least this often in wall-clock time (0 = off)
     augment: float = 0.0  # non-leaking geometric augmentation: probability of each transform (augment.py)
     subset: int = 0  # train on this many images of the data set (0 = all; data/subset.py)
-    lr_cooldown: float = (
-        0.0  # the learning rate decays to 0 over this last share of the run (training/stream.py)
-    )
+    subset_seed: int = -1  # ... the first ones (< 0) or a random choice with this seed
+    lr_cooldown: float = 0.0  # the learning rate decays to 0 over this last share of the steps (stream.py)
     lr_cooldown_shape: Literal["linear", "cosine"] = "linear"
     ema_unit: EmaUnit = "images"  # "steps": EMA half-life and warm-up in steps of --batch images (stream.py)
-    subset_seed: int = -1  # ... the first ones (< 0) or a random choice with this seed
 
 
 # --------------------------------------------------------------------------- JSON round trip
