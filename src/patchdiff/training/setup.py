@@ -95,7 +95,7 @@ def merge_resumed(saved: TrainConfig, given: TrainConfig, overrides) -> tuple[Tr
         if path in FIXED_ON_RESUME:
             raise ValueError(
                 f"{path} is {new!r} on the command line but {old!r} in the resumed run; "
-                f"a resumed run keeps its network (drop the flag or start a new run)"
+                f"a resumed run keeps its network and training images (drop the flag or start a new run)"
             )
         cfg = _set(cfg, path, new)
         changes.append(f"{path}: {old!r} -> {new!r}")
