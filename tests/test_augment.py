@@ -219,3 +219,13 @@ def test_refused_with_one_line(landscapes, tmp_path, capsys):
     assert "--arch dit" in err and len(err.strip().splitlines()) == 1
     assert main([*args, "--augment", "0.2", "--cres", "1,2", "--blocks", "1", "--attn", "8"]) == 0
     assert '"augment": 0.2' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("q", [dict(flip=1, tx=2, ty=-3), dict(tx=-4, ty=1), dict(flip=1)])
+def test_the_exact_path_agrees_with_resampling(q):
+    """Flips and whole-pixel shifts are done by indexing; a negligible scale sends the same transform
+    through bilinear resampling, which must land on the same pixels (also at the reflected border)."""
+    image = torch.rand(2, 12, 10)
+    exact = augment.apply(image, params(**q))
+    resampled = augment.apply(image, params(**q, iso=1e-9))
+    assert torch.allclose(exact, resampled, atol=1e-4)

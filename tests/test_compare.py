@@ -50,7 +50,13 @@ def compare(study, outdir):
 @pytest.mark.slow
 def test_tiny_study_writes_table_and_plots_and_does_not_retrain(tmp_path, landscapes, tiny_detector):
     study = write_study(
-        tmp_path / "study.json", landscapes, tiny_detector, heldout=str(landscapes), heldout_num=8
+        tmp_path / "study.json",
+        landscapes,
+        tiny_detector,
+        heldout=str(landscapes),
+        heldout_num=8,
+        memorisation=4,
+        nn_rows=2,
     )
     out = tmp_path / "out"
     first = compare(study, out)
@@ -65,6 +71,7 @@ def test_tiny_study_writes_table_and_plots_and_does_not_retrain(tmp_path, landsc
     table = (out / "results.md").read_text()
     assert "| full |" in table and "| patch |" in table
     assert "Held-out loss on whole images by noise level" in table and "| 80 |" in table
+    assert "Memorisation at the last snapshot" in table and (out / "nearest-patch.png").is_file()
     for png in ("fid-vs-kimg.png", "fid-vs-time.png", "fid-vs-flops.png", "grids.png", "loss-vs-sigma.png"):
         assert (out / png).stat().st_size > 1000
     for name in ("full", "patch"):

@@ -116,29 +116,27 @@ def apply(image: torch.Tensor, params: np.ndarray) -> torch.Tensor:
     only moves pixels: it is done exactly. Anything else resamples bilinearly (in float32; integer images
     are rounded back to their own type, the precision the data has)."""
     _C, H, W = image.shape
-    A, t = transform_matrix(params)
-    A_inv = np.linalg.inv(A)
-    if np.allclose(A, np.round(A)) and np.allclose(t, np.round(t)) and abs(A[0, 1]) + abs(A[1, 0]) == 0:
+    if not np.any(params):  # no transform drawn (most images at small p)
+        return image
+    flip, tx, ty, iso, theta, aniso, _phi = (float(v) for v in params)
+    if iso == theta == aniso == 0:
         # Output pixel (r, c) comes from input (r - ty, c - tx), mirrored in x for a flip.
-        rows = _reflect(torch.arange(H) - round(t[1]), H)
-        cols = _reflect(torch.arange(W) - round(t[0]), W)
-        if A[0, 0] < 0:
+        rows = _reflect(torch.arange(H) - round(ty), H)
+        cols = _reflect(torch.arange(W) - round(tx), W)
+        if flip:
             cols = (W - 1) - cols
         return image[:, rows[:, None], cols[None, :]]
-    # Source position of each output pixel, as offsets from the centre, then normalised for grid_sample
-    # (align_corners=False: -1 and 1 are the outer edges of the border pixels).
-    ys, xs = torch.meshgrid(
-        torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64), indexing="ij"
-    )
-    out = torch.stack([xs - (W - 1) / 2, ys - (H - 1) / 2], dim=-1) - torch.as_tensor(t)
-    src = out @ torch.as_tensor(A_inv).T  # [H, W, 2]
-    grid = torch.stack(
-        [(2 * (src[..., 0] + (W - 1) / 2) + 1) / W - 1, (2 * (src[..., 1] + (H - 1) / 2) + 1) / H - 1], dim=-1
-    )
+    A, t = transform_matrix(params)
+    A_inv = np.linalg.inv(A)
+    # Source position of each output pixel: src = A^-1 (out - t) in pixel offsets from the centre. In
+    # grid_sample's units (align_corners=False: -1 and 1 are the outer edges of the border pixels) an
+    # offset x is 2x/W, so with S = diag(W/2, H/2) the map is S^-1 A^-1 S out - S^-1 A^-1 t.
+    S = np.diag([W / 2, H / 2])
+    M = np.linalg.inv(S) @ A_inv
+    theta = torch.as_tensor(np.concatenate([M @ S, -(M @ t)[:, None]], axis=1), dtype=torch.float32)
+    grid = F.affine_grid(theta[None], [1, 1, H, W], align_corners=False)
     x = image.to(torch.float32)[None]
-    y = F.grid_sample(
-        x, grid[None].to(torch.float32), mode="bilinear", padding_mode="reflection", align_corners=False
-    )[0]
+    y = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)[0]
     if image.dtype.is_floating_point:
         return y.to(image.dtype)
     info = torch.iinfo(image.dtype)

@@ -17,7 +17,8 @@ Arch = Literal["ddpmpp", "ncsnpp", "adm", "dit", "diffusers-unet", "edm2"]
 # What the backbone predicts: EDM's F (preconditioned as in EDM Table 1), or a pretrained VP model's
 # noise (epsilon) or velocity (v), wrapped by precond_vp.VPDenoiser.
 Prediction = Literal["edm", "epsilon", "v_prediction"]
-ScheduleKind = Literal["stochastic", "progressive", "full"]
+ScheduleKind = Literal["stochastic", "progressive", "full", "fixed"]
+EmaUnit = Literal["images", "steps"]
 Precision = Literal["fp32", "bf16", "fp16"]
 LatentNorm = Literal["sd", "channel"]
 
@@ -170,6 +171,10 @@ class PatchConfig:
     coords: bool = True  # add the coordinate channels
     noise_bands: bool = False  # smaller crops train on lower noise levels (patching.noise_band)
     finish_full: float = 0.0  # share of the training images, at the end, on whole images (stochastic)
+    crop_kimg: float = (
+        0.0  # fixed: the crop phases span this many kimg whatever the duration; then whole images
+    )
+    min_crop: int = 0  # default sizes below this many pixels are left out (their share goes to the next size)
 
 
 @dataclass(frozen=True)
@@ -232,6 +237,9 @@ class TrainConfig:
     subset_seed: int = -1  # ... the first ones (< 0) or a random choice with this seed
     # A snapshot whose network and weights a new run starts from (fine-tuning, e.g. an imported one).
     init_snapshot: str = ""
+    lr_cooldown: float = 0.0  # the learning rate decays to 0 over this last share of the steps (stream.py)
+    lr_cooldown_shape: Literal["linear", "cosine"] = "linear"
+    ema_unit: EmaUnit = "images"  # "steps": EMA half-life and warm-up in steps of --batch images (stream.py)
 
 
 # --------------------------------------------------------------------------- JSON round trip

@@ -14,6 +14,8 @@ per base image (R/P_i by default) and probabilities p_i:
     stochastic:   sum_i p_i n_i flops(P_i) / sum_i p_i n_i    (steps drawn with p_i, n_i images each)
     progressive:  sum_i p_i flops(P_i)                        (phase i covers a share p_i of the images)
     full:         flops(R)
+    fixed:        c f_crop + (1 - c) flops(R),  f_crop = sum_{i<last} p_i flops(P_i) / sum_{i<last} p_i,
+                  c = min(crop_kimg, kimg) / kimg             (the crop phase has a fixed length)
 
 Training length is counted in images as the paper counts it (see training/stream.py), so a run of
 `kimg` costs kimg * 1000 * flops_per_image FLOPs.
@@ -76,11 +78,27 @@ def step_flops_per_image(denoiser, channels: int, crop_hw: tuple[int, int], batc
     return counter.get_total_flops() / batch
 
 
-def schedule_flops_per_image(schedule: PatchSchedule, flops_by_size: dict[int, float]) -> float:
-    """Expected FLOPs per training image of a crop schedule, from the FLOPs per image at each size."""
+def crop_phase_flops_per_image(schedule: PatchSchedule, flops_by_size: dict[int, float]) -> float:
+    """Fixed schedule: FLOPs per image of its crop phase (the phases of the crop sizes, as progressive)."""
+    f = [flops_by_size[s] for s in schedule.sizes[:-1]]
+    return sum(p * fi for p, fi in zip(schedule.probs[:-1], f, strict=True)) / sum(schedule.probs[:-1])
+
+
+def schedule_flops_per_image(
+    schedule: PatchSchedule, flops_by_size: dict[int, float], duration_kimg: float | None = None
+) -> float:
+    """Expected FLOPs per training image of a crop schedule, from the FLOPs per image at each size (the
+    fixed schedule's depends on the run's length: `duration_kimg`)."""
     f = [flops_by_size[s] for s in schedule.sizes]
     if schedule.kind == "full":
         return f[-1]
+    if schedule.kind == "fixed":
+        if not duration_kimg or duration_kimg <= 0:
+            raise ValueError(
+                "the fixed schedule's FLOPs per image depend on the run's length: give duration_kimg"
+            )
+        c = min(schedule.crop_kimg, duration_kimg) / duration_kimg
+        return c * crop_phase_flops_per_image(schedule, flops_by_size) + (1 - c) * f[-1]
     if schedule.kind == "progressive":
         return sum(p * fi for p, fi in zip(schedule.probs, f, strict=True))
     weights = [p * n for p, n in zip(schedule.probs, schedule.batch_mult, strict=True)]
@@ -101,8 +119,19 @@ def training_flops(cfg: TrainConfig) -> dict:
     by_size = {
         s: step_flops_per_image(denoiser, C, schedule.crop_shape(i)) for i, s in enumerate(schedule.sizes)
     }
-    per_image = schedule_flops_per_image(schedule, by_size)
+    per_image = schedule_flops_per_image(schedule, by_size, cfg.duration_kimg)
     return dict(by_size=by_size, per_image=per_image, total=per_image * cfg.duration_kimg * 1000)
+
+
+def fixed_kimg_for_budget(
+    budget_flops: float, crop_kimg: float, crop_per_image: float, full_per_image: float
+) -> float:
+    """Fixed schedule: the kimg that spends `budget_flops`, its crop phase (crop_kimg at crop_per_image
+    FLOPs per image, `crop_phase_flops_per_image`) first, then whole images."""
+    crop_cost = crop_kimg * 1000 * crop_per_image
+    if budget_flops <= crop_cost:
+        return kimg_for_budget(budget_flops, crop_per_image)
+    return crop_kimg + kimg_for_budget(budget_flops - crop_cost, full_per_image)
 
 
 def kimg_for_budget(budget_flops: float, flops_per_image: float) -> float:

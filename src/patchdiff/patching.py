@@ -128,6 +128,7 @@ class PatchSchedule:
     batch_mult: tuple[float, ...]
     coords: bool = True
     finish_full: float = 0.0  # stochastic: the last share of the images is trained on whole images
+    crop_kimg: float = 0.0  # fixed: length of the crop phases in kimg (then whole images)
 
     def crop_shape(self, index: int) -> tuple[int, int]:
         """The full-size entry covers the whole (possibly rectangular) image."""
@@ -171,10 +172,16 @@ class PatchSchedule:
         return float(self.images_per_round(batch_gpu, self.size_index(0, 0, progress)))
 
 
-def default_sizes(resolution: int, real_p: float, latent: bool) -> tuple[tuple[int, ...], tuple[float, ...]]:
-    """The paper's sizes: (R/4, R/2, R) with (1-p)*2/5, (1-p)*3/5, p; latent space (R/2, R) with 1-p, p."""
+def default_sizes(
+    resolution: int, real_p: float, latent: bool, min_crop: int = 0
+) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """The paper's sizes: (R/4, R/2, R) with (1-p)*2/5, (1-p)*3/5, p; latent space (R/2, R) with 1-p, p.
+
+    min_crop (--min-crop): crops smaller than this many pixels are left out, and their share goes to
+    the crops of the next size, so with R/4 < min_crop <= R/2 the sizes are (R/2, R) with 1-p, p (as in
+    latent space). Why: an 8-px crop of a 32-px image may show too little to teach anything useful."""
     R = resolution
-    if latent:
+    if latent or min_crop > R // 4:
         return (R // 2, R), (1.0 - real_p, real_p)
     return (R // 4, R // 2, R), ((1.0 - real_p) * 2 / 5, (1.0 - real_p) * 3 / 5, real_p)
 
@@ -191,7 +198,7 @@ def resolve_schedule(cfg: PatchConfig, image_size: tuple[int, int], min_crop: in
         sizes = tuple(cfg.sizes)
         probs = tuple(cfg.probs) if cfg.probs else tuple(1.0 / len(sizes) for _ in sizes)
     else:
-        sizes, probs = default_sizes(R, cfg.real_p, cfg.latent)
+        sizes, probs = default_sizes(R, cfg.real_p, cfg.latent, cfg.min_crop)
         if cfg.probs:  # probabilities for the default sizes
             if len(cfg.probs) != len(sizes):
                 raise ValueError(
@@ -214,6 +221,14 @@ def resolve_schedule(cfg: PatchConfig, image_size: tuple[int, int], min_crop: in
             f"--noise-bands needs --patch-schedule stochastic (it ties noise levels to crop sizes drawn "
             f"within one run), not {cfg.schedule!r}"
         )
+    if cfg.schedule == "fixed" and not (math.isfinite(cfg.crop_kimg) and cfg.crop_kimg > 0):
+        raise ValueError(
+            f"--patch-schedule fixed needs --crop-kimg K > 0 (the crop phase's length), not {cfg.crop_kimg}"
+        )
+    if cfg.crop_kimg and cfg.schedule != "fixed":
+        raise ValueError(f"--crop-kimg needs --patch-schedule fixed, not {cfg.schedule!r}")
+    if cfg.schedule == "fixed" and len(sizes) < 2:
+        raise ValueError(f"--patch-schedule fixed needs crop sizes below the full size; got {sizes}")
     if list(sizes) != sorted(sizes):
         raise ValueError(f"patch sizes {sizes} must be in increasing order")
     for s in sizes:
@@ -231,7 +246,9 @@ def resolve_schedule(cfg: PatchConfig, image_size: tuple[int, int], min_crop: in
         batch_mult = tuple(default_batch_mult((H, W), shape) for shape in shapes)
     if len(batch_mult) != len(sizes) or any(m <= 0 for m in batch_mult):
         raise ValueError(f"batch multipliers {batch_mult} must be positive, one per patch size {sizes}")
-    return PatchSchedule(cfg.schedule, (H, W), sizes, probs, batch_mult, cfg.coords, cfg.finish_full)
+    return PatchSchedule(
+        cfg.schedule, (H, W), sizes, probs, batch_mult, cfg.coords, cfg.finish_full, cfg.crop_kimg
+    )
 
 
 def default_batch_mult(frame: tuple[int, int], crop: tuple[int, int]) -> float:

@@ -34,3 +34,11 @@ def test_training_uses_the_subset(landscapes, tmp_path):
     assert len(setup.dataset) == 7 and setup.dataset.indices == subset_indices(64, 7, 2).tolist()
     with pytest.raises(ValueError, match="--subset 65"):
         prepare(tiny_config(str(landscapes), str(tmp_path), subset=65), None, 1)
+
+
+def test_a_resumed_run_keeps_its_subset():
+    from patchdiff.config import TrainConfig
+    from patchdiff.training.setup import merge_resumed
+
+    with pytest.raises(ValueError, match="subset is 20 on the command line but 10 in the resumed run"):
+        merge_resumed(TrainConfig(subset=10), TrainConfig(subset=20), {"subset"})

@@ -51,6 +51,19 @@ def run(args: argparse.Namespace) -> int:
         from patchdiff.compare.sigma_loss import ensure_sigma_losses
 
         results = ensure_sigma_losses(results, study.heldout, study.heldout_num, outdir)
+    if study.memorisation:
+        from patchdiff.compare.memorisation import memorisation_along_training
+
+        for name, result in results.items():
+            records = memorisation_along_training(
+                result,
+                study.memorisation,
+                outdir / "runs" / name,
+                outdir / f"nearest-{name}.png",
+                study.nn_rows,
+                study.nn_k,
+            )
+            results[name] = dict(result, memorisation=records, nearest_grid=f"nearest-{name}.png")
     budget = next(iter(plan.values()))["budget_flops"]
     paths = write_results(results, outdir, budget)
     print(paths["table"])

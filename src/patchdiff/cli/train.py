@@ -100,10 +100,24 @@ def add_parser(subparsers) -> None:
     g = p.add_argument_group("patches")
     g.add_argument(
         "--patch-schedule",
-        choices=["stochastic", "progressive", "full"],
+        choices=["stochastic", "progressive", "full", "fixed"],
         default=PatchConfig.schedule,
         help="crop sizes drawn at random (the paper's default), grown with training (our default: best "
-        "in docs/evidence.md), or whole images (the EDM baseline)",
+        "in docs/evidence.md), whole images (the EDM baseline), or fixed: growing crops for --crop-kimg, "
+        "then whole images",
+    )
+    g.add_argument(
+        "--crop-kimg",
+        type=float,
+        default=0.0,
+        help="--patch-schedule fixed: length of the crop phase in kimg; it does not grow with --duration",
+    )
+    g.add_argument(
+        "--min-crop",
+        type=int,
+        default=0,
+        help="leave out the default R/4 crops when R/4 is below this many pixels (e.g. 16: sizes R/2,R at "
+        "R=32; 0 = the paper's sizes)",
     )
     g.add_argument(
         "--real-p", type=float, default=PatchConfig.real_p, help="probability (share) of full-size images"
@@ -150,6 +164,23 @@ def add_parser(subparsers) -> None:
     g.add_argument("--batch-gpu", type=int, default=0, help="per process and round (gradient accumulation)")
     g.add_argument("--lr", type=float, default=10e-4, help="Adam learning rate")
     g.add_argument("--lr-rampup", type=float, default=10_000, help="learning-rate warm-up in kimg")
+    g.add_argument(
+        "--lr-cooldown",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="decay the learning rate to 0 over the last SHARE of the steps (e.g. 0.2; 0 = off)",
+    )
+    g.add_argument(
+        "--lr-cooldown-shape", choices=["linear", "cosine"], default="linear", help="shape of --lr-cooldown"
+    )
+    g.add_argument(
+        "--ema-unit",
+        choices=["images", "steps"],
+        default="images",
+        help="count --ema and --lr-rampup in images seen (the paper) or in steps of --batch images, so "
+        "configurations average over the same steps whatever their crops",
+    )
     g.add_argument("--ema", type=float, default=500, help="EMA half-life in kimg")
     g.add_argument(
         "--ema-rampup", type=float, default=0.05, help="EMA half-life cap as a share of images seen"
@@ -283,6 +314,8 @@ FIELD_OF_FLAG = {
     "coord_embed": "network.coord_embed",
     "noise_bands": "patch.noise_bands",
     "finish_full": "patch.finish_full",
+    "crop_kimg": "patch.crop_kimg",
+    "min_crop": "patch.min_crop",
     "duration": "duration_kimg",
     "lr_rampup": "lr_rampup_kimg",
     "ema": "ema_halflife_kimg",
@@ -364,6 +397,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         coords=not args.no_coords,
         noise_bands=args.noise_bands,
         finish_full=args.finish_full,
+        crop_kimg=args.crop_kimg,
+        min_crop=args.min_crop,
     )
     return TrainConfig(
         data=args.data,
@@ -396,6 +431,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         checkpoint_minutes=args.checkpoint_minutes,
         loggers=parse_logger_names(args.logger),
         augment=args.augment,
+        lr_cooldown=args.lr_cooldown,
+        lr_cooldown_shape=args.lr_cooldown_shape,
+        ema_unit=args.ema_unit,
         subset=args.subset,
         subset_seed=args.subset_seed,
         init_snapshot=args.init_snapshot,

@@ -78,8 +78,9 @@ def plot_fid(results: dict[str, dict], x: str, path: Path, dpi: int = 100) -> Pa
             xs = s.kimg
         elif x == "time_s":
             xs = s.time_s / scale
-        else:
-            xs = s.kimg * 1000 * results[name]["flops_per_image"]
+        else:  # the run's own cumulative count where logged; else the plan's estimate (older runs)
+            estimate = s.kimg * 1000 * results[name]["flops_per_image"]
+            xs = estimate if s.flops is None else np.where(np.isfinite(s.flops), s.flops, estimate)
         ax.plot(xs, s.value, "o-", ms=3, color=f"C{i}", label=name)
         values.extend(v for v in s.value if math.isfinite(v))
     if values and min(values) > 0 and max(values) > 5 * min(values):
@@ -156,6 +157,42 @@ def plot_sigma_loss(results: dict[str, dict], path: Path, dpi: int = 100) -> Pat
     return path
 
 
+def _memorisation_scored(results: dict[str, dict]) -> dict[str, list[dict]]:
+    return {name: r["memorisation"] for name, r in results.items() if r.get("memorisation")}
+
+
+def memorisation_table(results: dict[str, dict]) -> str:
+    """Per configuration: the memorised share of its samples (nearest training image < 1/3 as far as the
+    second nearest, pixel space) at the last snapshot, the epochs trained, and the median ratio d1/d2."""
+    scored = _memorisation_scored(results)
+    if not scored:
+        return ""
+    lines = [
+        "| config | epochs | memorised | median d1/d2 | samples |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, records in scored.items():
+        r = records[-1]
+        lines.append(
+            f"| {name} | {r['epochs']:.1f} | {r['memorised']:.1%} | {r['median_ratio']:.3f} | {r['num']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_memorisation(results: dict[str, dict], path: Path, dpi: int = 100) -> Path:
+    """The memorised share of samples against epochs (passes over each configuration's training images)."""
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.add_subplot()
+    for i, (name, records) in enumerate(_memorisation_scored(results).items()):
+        epochs = [r["epochs"] for r in records]
+        ax.plot(epochs, [100 * r["memorised"] for r in records], "o-", ms=3, color=f"C{i}", label=name)
+    ax.set(xlabel="epochs", ylabel="memorised samples [%]", title="memorisation (d1/d2 < 1/3, pixels)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    atomic_write_bytes(path, png_bytes(fig, dpi))
+    return path
+
+
 def write_results(
     results: dict[str, dict], outdir: str | os.PathLike, budget_flops: float
 ) -> dict[str, Path]:
@@ -171,6 +208,12 @@ def write_results(
     by_sigma = sigma_loss_table(results)
     if by_sigma:
         paths["sigma_loss"] = plot_sigma_loss(results, outdir / "loss-vs-sigma.png")
+    by_memory = memorisation_table(results)
+    if by_memory:
+        paths["memorisation"] = plot_memorisation(results, outdir / "memorisation-vs-epochs.png")
+        for name, r in results.items():
+            if r.get("nearest_grid") and (outdir / r["nearest_grid"]).is_file():
+                paths[f"nearest {name}"] = outdir / r["nearest_grid"]
     text = (
         f"# Study results\n\nBudget: {_fmt_flops(budget_flops)}FLOPs of training per configuration "
         "(counted forward + backward matmuls and convolutions, see patchdiff/flops.py). Train time excludes "
@@ -179,6 +222,12 @@ def write_results(
         + (
             f"\nHeld-out loss on whole images by noise level (ratio to the first configuration):\n\n{by_sigma}"
             if by_sigma
+            else ""
+        )
+        + (
+            "\nMemorisation at the last snapshot (nearest-neighbour grids: each sample, then its nearest "
+            f"training images):\n\n{by_memory}"
+            if by_memory
             else ""
         )
         + "\n"

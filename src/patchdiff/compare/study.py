@@ -9,6 +9,11 @@ configuration, and configurations that add their own flags:
      "budget_flops": 2e13, "points": 4,
      "metrics": ["fid", "kid"], "metric_num": 1000, "metric_ref": "ref.npz", "detector": "det.pt"}
 
+Data efficiency: `patchdiff train` flags such as `--subset 500 --subset-seed 0` (a training subset) and
+`--augment 0.12` go into base_flags or a configuration's flags. `"memorisation": 1000` measures, at
+every snapshot, the share of 1000 samples that copy a training image, and draws a nearest-neighbour
+grid of the last one (`nn_rows` samples, each with its `nn_k` nearest training images).
+
 Instead of `budget_flops`, `budget_kimg` with `budget_of` sets the budget to what configuration
 `budget_of` spends in that many kimg. Relative paths are relative to the study file.
 
@@ -33,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from patchdiff.config import TrainConfig, from_dict
-from patchdiff.flops import kimg_for_budget, training_flops
+from patchdiff.flops import crop_phase_flops_per_image, fixed_kimg_for_budget, kimg_for_budget, training_flops
 from patchdiff.training.checkpoint import state_in
 
 # Flags the runner sets itself; a study may not set them.
@@ -79,6 +84,9 @@ class StudyConfig:
     launcher: tuple[str, ...] = ()  # default: this Python, `-m`
     heldout: str = ""  # a data set of held-out images: the final snapshots' loss by noise level
     heldout_num: int = 500
+    memorisation: int = 0  # samples per snapshot for the memorised share (compare/memorisation.py); 0 = off
+    nn_rows: int = 8  # nearest-neighbour grid: samples (rows) ...
+    nn_k: int = 4  # ... and the nearest training images beside each
 
 
 def load_study(path: str | os.PathLike) -> StudyConfig:
@@ -136,6 +144,11 @@ def check_study(study: StudyConfig, source: str | os.PathLike = "study") -> None
         raise ValueError(f"{source}: points {study.points} must be at least 1 (and a configuration's >= 0)")
     if study.heldout and not Path(study.heldout).exists():
         raise FileNotFoundError(f"{source}: held-out set {study.heldout!r} does not exist")
+    if study.memorisation < 0 or study.nn_rows < 1 or study.nn_k < 2:
+        raise ValueError(
+            f"{source}: memorisation {study.memorisation} must be >= 0 (0 = off), nn_rows {study.nn_rows} >= 1 "
+            f"and nn_k {study.nn_k} >= 2"
+        )
     if study.heldout_num < 1:
         raise ValueError(f"{source}: heldout_num {study.heldout_num} must be at least 1")
     if not Path(study.data).exists():
@@ -174,12 +187,33 @@ def plan_study(study: StudyConfig, outdir: Path) -> dict[str, dict]:
                 flops_per_image=counted["per_image"],
                 flops_by_size={str(k): v for k, v in counted["by_size"].items()},
             )
+            if cfg.patch.schedule == "fixed":  # its cost per image depends on the length: keep the parts
+                from patchdiff.patching import resolve_schedule
+
+                schedule = resolve_schedule(cfg.patch, tuple(cfg.image_size), cfg.network.min_crop)
+                plan[run.name]["fixed"] = dict(
+                    crop_kimg=schedule.crop_kimg,
+                    crop_per_image=crop_phase_flops_per_image(schedule, counted["by_size"]),
+                    full_per_image=counted["by_size"][schedule.sizes[-1]],
+                )
             atomic_write_text(plan_path, json.dumps(plan, indent=2))
-    budget = study.budget_flops or study.budget_kimg * 1000 * plan[study.budget_of]["flops_per_image"]
+    budget = study.budget_flops
+    if not budget:
+        of, kimg = plan[study.budget_of], study.budget_kimg
+        if "fixed" in of:  # crop phase, then whole images
+            f = of["fixed"]
+            crop = min(f["crop_kimg"], kimg)
+            budget = 1000 * (crop * f["crop_per_image"] + (kimg - crop) * f["full_per_image"])
+        else:
+            budget = kimg * 1000 * of["flops_per_image"]
     for run in study.configs:
         entry = plan[run.name]
         entry["budget_flops"] = budget
-        entry["kimg"] = kimg_for_budget(budget, entry["flops_per_image"])
+        if "fixed" in entry:
+            entry["kimg"] = fixed_kimg_for_budget(budget, **entry["fixed"])
+            entry["flops_per_image"] = budget / (entry["kimg"] * 1000)  # the run's average
+        else:
+            entry["kimg"] = kimg_for_budget(budget, entry["flops_per_image"])
     atomic_write_text(plan_path, json.dumps(plan, indent=2))
     return {run.name: plan[run.name] for run in study.configs}
 

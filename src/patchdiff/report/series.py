@@ -25,7 +25,7 @@ from patchdiff.training.checkpoint import SNAPSHOT_RE
 Record = dict[str, Any]
 
 STATS_FILE = "stats.jsonl"
-_RESERVED = {"kind", "step", "kimg", "time_s"}
+_RESERVED = {"kind", "step", "kimg", "time_s", "flops"}  # "flops": the run's cumulative counted FLOPs
 _GRID_RE = re.compile(r"^grid-(\d+)\.png$")
 
 
@@ -152,12 +152,14 @@ class MetricSeries:
     time_s: np.ndarray  # [N]
     value: np.ndarray  # [N]
     std: np.ndarray | None  # [N] from `<name>_std`, NaN where a line lacks it; None when no line has it
+    flops: np.ndarray | None = None  # [N] the run's cumulative counted training FLOPs; NaN where not logged
 
 
 def metric_series(stats: list[Record], name: str) -> MetricSeries:
     rows = [r for r in records_of_kind(stats, "metrics") if math.isfinite(as_float(r.get(name)))]
     std = column(rows, f"{name}_std") if any(f"{name}_std" in r for r in rows) else None
-    return MetricSeries(name, column(rows, "kimg"), column(rows, "time_s"), column(rows, name), std)
+    flops = column(rows, "flops")
+    return MetricSeries(name, column(rows, "kimg"), column(rows, "time_s"), column(rows, name), std, flops)
 
 
 def last_metrics(stats: list[Record]) -> dict[str, Record]:

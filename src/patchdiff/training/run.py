@@ -43,7 +43,7 @@ from patchdiff.training.mfu import achieved, flops_by_crop
 from patchdiff.training.optim import make_adam
 from patchdiff.training.setup import Setup, load_init_weights, new_run_dir
 from patchdiff.training.signals import RunInterruptedError, StopRequests, ignore_stop_signals, signal_name
-from patchdiff.training.stream import CropDataset, StreamSampler, step_seed
+from patchdiff.training.stream import CropDataset, StreamSampler, clock, lr_factor, step_seed
 
 
 class NonFiniteLossError(RuntimeError):
@@ -289,9 +289,12 @@ class Run:
         index = plan.size_index(step)
         crop = self.schedule.crop_shape(index)
         torch.manual_seed(step_seed(cfg.seed, self.rank, step))  # sigma, noise, latents, dropout of this step
-        nimg = plan.nimg(step)
+        counted, counted_step = clock(plan, step, cfg.ema_unit, cfg.batch)  # images, or steps x --batch
+        factor = lr_factor(
+            counted, step, plan.total_steps, cfg.lr_rampup_kimg * 1000, cfg.lr_cooldown, cfg.lr_cooldown_shape
+        )
         for group in self.optimizer.param_groups:
-            group["lr"] = cfg.lr * min(nimg / max(cfg.lr_rampup_kimg * 1000, 1e-8), 1.0)
+            group["lr"] = cfg.lr * factor
         rounds_data = (next(self.batches) for _ in range(self.rounds))
         size = str(self.schedule.sizes[index])
         first = self.compile_s is not None and size not in self.compile_s
@@ -319,14 +322,14 @@ class Run:
         self.steps_by_index[index] += 1
         self.bad_streak = (self.bad_streak + 1) * (~torch.isfinite(loss))
         self.worst_streak = torch.maximum(self.worst_streak, self.bad_streak)
-        step_images = plan.nimg(step + 1) - nimg
-        beta = ema_beta(step_images, nimg + step_images, cfg.ema_halflife_kimg, cfg.ema_rampup_ratio)
+        beta = ema_beta(counted_step, counted + counted_step, cfg.ema_halflife_kimg, cfg.ema_rampup_ratio)
         update_ema(self.ema, self.denoiser, beta)
         c, size, seen = self.counters, str(self.schedule.sizes[index]), n * self.rounds * self.world
         c["crops"][size] = c["crops"].get(size, 0) + seen
         c["steps_by_size"][size] = c["steps_by_size"].get(size, 0) + 1
         c["images"] += seen
         self.tick_flops += self.flops_by_size[self.schedule.sizes[index]] * seen
+        c["flops"] = c.get("flops", 0.0) + self.flops_by_size[self.schedule.sizes[index]] * seen
         c["position"] += seen
         self.at_step = c["step"] = step + 1
         self.tick_steps += 1
@@ -372,6 +375,7 @@ class Run:
             s_per_kimg=(now - self.tick_start) / max(dk, 1e-9),
             steps_per_s=self.tick_steps / max(now - self.tick_start, 1e-9),
             images=c["images"],
+            flops=c.get("flops", 0.0),  # cumulative counted training FLOPs (flops.py), for FID-vs-FLOPs plots
             crops=c["crops"],
             steps_by_size=c["steps_by_size"],
             mem_gb=peak_memory_gb(self.dev),
@@ -497,7 +501,14 @@ class Run:
         )
         kimg = self.plan.nimg(step) / 1000
         self.append_stats(
-            dict(kind="metrics", step=step, kimg=kimg, time_s=self.counters["time_s"], **values)
+            dict(
+                kind="metrics",
+                step=step,
+                kimg=kimg,
+                time_s=self.counters["time_s"],
+                flops=self.counters.get("flops", 0.0),
+                **values,
+            )
         )
         self.log(" ".join(f"{k} {v:.4g}" for k, v in values.items()))
 

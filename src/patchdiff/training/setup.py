@@ -50,7 +50,7 @@ FIXED_ON_RESUME += ("network.augment_dim", "subset", "subset_seed")
 # The step plan counts images (kimg, LR ramp, EMA, phases) and picks crop sizes from these, step by step
 # from step 0: changed on resume, they would recount the steps already taken.
 COUNTED_ON_RESUME = ("batch", "seed", "patch.schedule", "patch.sizes", "patch.probs", "patch.batch_mult")
-COUNTED_ON_RESUME += ("patch.real_p", "patch.latent", "patch.finish_full")
+COUNTED_ON_RESUME += ("patch.real_p", "patch.latent", "patch.finish_full", "patch.crop_kimg", "patch.min_crop")
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -60,6 +60,10 @@ def check_config(cfg: TrainConfig) -> None:
         if not math.isfinite(value) or value < 0 or (value == 0 and (flag, name) in POSITIVE):
             need = "a finite number > 0" if (flag, name) in POSITIVE else "a finite number >= 0"
             raise ValueError(f"{flag} {value}: must be {need}")
+    if not (math.isfinite(cfg.lr_cooldown) and 0.0 <= cfg.lr_cooldown <= 1.0):
+        raise ValueError(f"--lr-cooldown {cfg.lr_cooldown}: must be a share of the run in [0, 1]")
+    if cfg.ema_unit not in ("images", "steps"):
+        raise ValueError(f"--ema-unit {cfg.ema_unit!r}: choose images or steps")
     if cfg.max_bad_steps < 1:
         raise ValueError(f"max_bad_steps {cfg.max_bad_steps}: must be at least 1")
 
@@ -103,7 +107,7 @@ def merge_resumed(saved: TrainConfig, given: TrainConfig, overrides) -> tuple[Tr
         if path in FIXED_ON_RESUME:
             raise ValueError(
                 f"{path} is {new!r} on the command line but {old!r} in the resumed run; "
-                f"a resumed run keeps its network (drop the flag or start a new run)"
+                f"a resumed run keeps its network and training images (drop the flag or start a new run)"
             )
         if path in COUNTED_ON_RESUME:
             raise ValueError(

@@ -142,13 +142,26 @@ class StepPlan:
     augment: float = 0.0  # --augment: probability of each geometric transform (0 = none)
 
     @property
+    def phased(self) -> bool:
+        """Crop sizes in phases of increasing size (progressive, fixed) rather than drawn per step."""
+        return self.schedule.kind in ("progressive", "fixed")
+
+    @property
     def phase_bounds(self) -> list[int]:
         """Progressive schedule: the first step of each later phase (phase i covers share probs[i] of
         the images); the last phase lasts until the duration is reached. A resumed run keeps its
-        earlier boundaries even when its duration changes, so only the last phase grows or shrinks."""
+        earlier boundaries even when its duration changes, so only the last phase grows or shrinks.
+
+        Fixed schedule: the crop phases together cover crop_kimg (or the whole run, if shorter), phase i
+        a share probs[i] / sum(probs[:-1]) of it, whatever the duration: the crop phase does not grow
+        with the run. Whole images follow."""
+        shares, span = self.schedule.probs[:-1], self.duration_nimg
+        if self.schedule.kind == "fixed":
+            span = min(self.schedule.crop_kimg * 1000, self.duration_nimg)
+            shares = tuple(p / sum(shares) for p in shares) if sum(shares) > 0 else shares
         bounds, total = [], 0
-        for p, n in zip(self.schedule.probs[:-1], self.images_per_step[:-1], strict=True):
-            total += math.ceil(p * self.duration_nimg / n)
+        for p, n in zip(shares, self.images_per_step[:-1], strict=True):
+            total += math.ceil(p * span / n)
             bounds.append(total)
         if len(self.saved_bounds) == len(self.images_per_step):
             bounds = list(self.saved_bounds[:-1])
@@ -173,7 +186,7 @@ class StepPlan:
 
     @property
     def total_steps(self) -> int:
-        if self.schedule.kind == "progressive":
+        if self.phased:
             return self.phase_bounds[-1]
         finish = self.finish_step
         if finish is not None:
@@ -182,7 +195,7 @@ class StepPlan:
         return max(1, math.ceil(self.duration_nimg / self.expected_images))
 
     def size_index(self, step: int) -> int:
-        if self.schedule.kind == "progressive":
+        if self.phased:
             return min(bisect.bisect_right(self.phase_bounds, step), len(self.images_per_step) - 1)
         finish = self.finish_step
         if finish is not None and step >= finish:
@@ -194,13 +207,41 @@ class StepPlan:
         finish = self.finish_step
         if finish is not None:
             return min(step, finish) * self.expected_images + max(step - finish, 0) * self.images_per_step[-1]
-        if self.schedule.kind != "progressive":
+        if not self.phased:
             return step * self.expected_images
         total, start = 0.0, 0
         for bound, n in zip(self.phase_bounds, self.images_per_step, strict=True):
             total += (min(step, bound) - start) * n if step > start else 0
             start = bound
         return total
+
+
+def clock(plan: StepPlan, step: int, unit: str, batch: int) -> tuple[float, float]:
+    """(images before `step`, images in it) as the learning-rate warm-up and the EMA count them: images
+    seen (the paper's count), or with unit "steps" steps x `batch` (full-size images per step), so that
+    every configuration warms up and averages over the same number of optimiser steps, whatever its crops.
+    A whole-image run counts the same either way."""
+    if unit == "steps":
+        return float(step * batch), float(batch)
+    if unit != "images":
+        raise ValueError(f"--ema-unit {unit!r}: choose images or steps")
+    nimg = plan.nimg(step)
+    return nimg, plan.nimg(step + 1) - nimg
+
+
+def lr_factor(
+    counted: float, step: int, total_steps: int, rampup_nimg: float, cooldown: float, shape: str = "linear"
+) -> float:
+    """The learning rate's multiplier at `step`: a linear warm-up over `rampup_nimg` counted images
+    (`clock`), then 1, then (--lr-cooldown F) a decay to 0 over the last share F of the steps, linear or
+    cosine (masked-training recipes end this way)."""
+    factor = min(counted / max(rampup_nimg, 1e-8), 1.0)
+    if cooldown > 0:
+        left = (total_steps - step) / (cooldown * total_steps)  # 1 where the cool-down starts, 0 at the end
+        if left < 1:
+            left = max(left, 0.0)
+            factor *= left if shape == "linear" else 0.5 * (1 - math.cos(math.pi * left))
+    return factor
 
 
 class StreamSampler(torch.utils.data.Sampler):
