@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from patchdiff.config import TrainConfig
 from patchdiff.latent import decode_to_pixels, load_vae
+from patchdiff.loss_weighting import LogVar
 from patchdiff.networks import build_network
 from patchdiff.precond import Denoiser
 from patchdiff.precond_vp import VPDenoiser
@@ -32,10 +33,17 @@ from patchdiff.training.checkpoint import newest_snapshot, read_snapshot
 def build_denoiser(cfg: TrainConfig, pretrained: bool = True) -> Denoiser | VPDenoiser:
     """pretrained: load cfg.network.init_from's weights (at training start; load() passes False)."""
     net = build_network(cfg.network, pretrained=pretrained)
+    learned = cfg.loss.weighting == "learned"
     if cfg.network.prediction != "edm":  # a pretrained epsilon / v network
+        if learned:
+            raise ValueError("--loss-weighting learned needs an EDM network, not --prediction epsilon/v")
         return VPDenoiser.from_config(net, cfg.network)
     return Denoiser(
-        net, cfg.loss.sigma_data, use_coords=cfg.network.coord_channels > 0, label_dim=cfg.network.label_dim
+        net,
+        cfg.loss.sigma_data,
+        use_coords=cfg.network.coord_channels > 0,
+        label_dim=cfg.network.label_dim,
+        logvar=LogVar() if learned else None,
     )
 
 

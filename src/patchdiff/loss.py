@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from patchdiff.config import LossConfig
+from patchdiff.loss_weighting import logvar_loss
 
 LOSS_SCALINGS = ("mean", "published")
 
@@ -80,5 +81,8 @@ def edm_loss(
         sigma = sample_sigma_band(y.shape[0], cfg.P_mean, cfg.P_std, band, y.device, generator)
     sigma = sigma.reshape(-1, 1, 1, 1)
     n = torch.randn(y.shape, device=y.device, generator=generator) * sigma
+    if cfg.weighting == "learned":  # EDM2's learned log-variance weighting (loss_weighting.py)
+        D, u = denoiser(y + n, sigma.reshape(-1), coords, class_labels, return_logvar=True)
+        return logvar_loss(loss_weight(sigma, cfg.sigma_data) * (D - y) ** 2, u).mean() * scale
     D = denoiser(y + n, sigma.reshape(-1), coords, class_labels)
     return (loss_weight(sigma, cfg.sigma_data) * (D - y) ** 2).mean() * scale

@@ -46,18 +46,30 @@ class Denoiser(nn.Module):
     of an h x w image, as at sampling time), class_labels [N, label_dim] one-hot (zeros = none).
     """
 
-    def __init__(self, net: nn.Module, sigma_data: float = 0.5, use_coords: bool = True, label_dim: int = 0):
+    def __init__(
+        self,
+        net: nn.Module,
+        sigma_data: float = 0.5,
+        use_coords: bool = True,
+        label_dim: int = 0,
+        logvar: nn.Module | None = None,  # EDM2's learned loss weighting u(c_noise), trained alongside
+    ):
         super().__init__()
         self.net = net
+        if logvar is not None:
+            self.logvar = logvar
         self.sigma_data = sigma_data
         self.use_coords = use_coords
         self.label_dim = label_dim
 
-    def forward(self, x: torch.Tensor, sigma, coords=None, class_labels=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma, coords=None, class_labels=None, return_logvar: bool = False):
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
         sigma = sigma.expand(x.shape[0]) if sigma.numel() == 1 else sigma
         c_skip, c_out, c_in, c_noise = edm_scalings(sigma.reshape(-1, 1, 1, 1), self.sigma_data)
         net_in, labels = network_inputs(c_in * x, coords, class_labels, self.use_coords, self.label_dim)
         F_x = self.net(net_in, c_noise.reshape(-1), labels)
-        return c_skip * x + c_out * F_x.to(torch.float32)
+        D_x = c_skip * x + c_out * F_x.to(torch.float32)
+        if return_logvar:  # inside forward, so that DDP sees u's parameters used
+            return D_x, self.logvar(c_noise.reshape(-1))
+        return D_x

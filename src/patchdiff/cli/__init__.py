@@ -10,9 +10,9 @@ import argparse
 import sys
 import warnings
 
-from patchdiff.cli import compare, dataset, demo, fid, generate, report, train
+from patchdiff.cli import compare, dataset, demo, ema, fid, generate, report, train
 
-COMMANDS = (dataset, train, generate, fid, report, compare, demo)
+COMMANDS = (dataset, train, generate, fid, report, compare, demo, ema)
 
 
 def build_parser() -> argparse.ArgumentParser:

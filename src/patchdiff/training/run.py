@@ -38,7 +38,8 @@ from patchdiff.training.ema import ema_beta, update_ema
 from patchdiff.training.faults import Faults
 from patchdiff.training.lock import RunLock
 from patchdiff.training.mfu import achieved, flops_by_crop
-from patchdiff.training.optim import make_adam
+from patchdiff.training.optim import learning_rate, make_adam
+from patchdiff.training.posthoc_ema import PowerEMA, snapshot_name
 from patchdiff.training.setup import Setup, new_run_dir
 from patchdiff.training.signals import RunInterruptedError, StopRequests, signal_name
 from patchdiff.training.stream import CropDataset, StreamSampler, step_seed
@@ -84,6 +85,7 @@ class Run:
         if dev.type == "cuda":  # what cuDNN's fastest convolutions and bf16 tensor cores want
             self.denoiser = self.denoiser.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.denoiser).eval().requires_grad_(False)
+        self.phema = PowerEMA(self.denoiser, cfg.posthoc_ema) if cfg.posthoc_ema else None
         self.optimizer = make_adam(self.denoiser.parameters(), cfg.lr, dev)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=cfg.precision == "fp16")
         self.counters = dict(step=0, position=0, images=0, time_s=0.0, crops={}, steps_by_size={})
@@ -94,6 +96,8 @@ class Run:
                 self.optimizer.load_state_dict(state["optimizer"])
                 if state.get("scaler"):
                     self.scaler.load_state_dict(state["scaler"])
+                if self.phema is not None:
+                    self.phema.load_state_dict(state.get("phema", {}))
             except (RuntimeError, ValueError, KeyError) as error:
                 msg = str(error).strip().splitlines()[0][:200]
                 raise StateError(
@@ -251,7 +255,7 @@ class Run:
         torch.manual_seed(step_seed(cfg.seed, self.rank, step))  # sigma, noise, latents, dropout of this step
         nimg = plan.nimg(step)
         for group in self.optimizer.param_groups:
-            group["lr"] = cfg.lr * min(nimg / max(cfg.lr_rampup_kimg * 1000, 1e-8), 1.0)
+            group["lr"] = learning_rate(nimg, cfg)
         rounds_data = (next(self.batches) for _ in range(self.rounds))
         size = str(self.schedule.sizes[index])
         first = self.compile_s is not None and size not in self.compile_s
@@ -280,6 +284,8 @@ class Run:
         step_images = plan.nimg(step + 1) - nimg
         beta = ema_beta(step_images, nimg + step_images, cfg.ema_halflife_kimg, cfg.ema_rampup_ratio)
         update_ema(self.ema, self.denoiser, beta)
+        if self.phema is not None:
+            self.phema.update(self.denoiser, step_images, nimg + step_images)
         c, size, seen = self.counters, str(self.schedule.sizes[index]), n * self.rounds * self.world
         c["crops"][size] = c["crops"].get(size, 0) + seen
         c["steps_by_size"][size] = c["steps_by_size"].get(size, 0) + 1
@@ -357,6 +363,7 @@ class Run:
             optimizer=self.optimizer.state_dict(),
             scaler=self.scaler.state_dict(),
             counters=json.dumps(self.counters),
+            **({"phema": self.phema.state_dict()} if self.phema is not None else {}),
         )
 
     def write_state(self) -> None:
@@ -407,6 +414,14 @@ class Run:
             path = self.run_dir / f"snapshot-{name}.safetensors"
             try:
                 save_snapshot(path, self.ema, self.cfg, step=step, kimg=kimg)
+                if self.phema is not None:  # the power-function profiles, for `patchdiff ema`
+                    for s, gamma, ema in zip(
+                        self.phema.sigma_rels, self.phema.gammas, self.phema.emas, strict=True
+                    ):
+                        info = dict(
+                            step=step, kimg=kimg, images=self.plan.nimg(step), sigma_rel=s, gamma=gamma
+                        )
+                        save_snapshot(self.run_dir / snapshot_name(step, s), ema, self.cfg, **info)
             except OSError as e:
                 error = RuntimeError(f"could not write the snapshot {path}: {e.strerror or e}")
         dist.agree_on_error(error)
