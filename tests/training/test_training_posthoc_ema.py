@@ -252,3 +252,15 @@ def test_learned_weighting_with_another_backbone(landscapes, tmp_path):
         lam = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
         expected = (lam * (D - y) ** 2 / u.exp().reshape(-1, 1, 1, 1) + u.reshape(-1, 1, 1, 1)).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_bad_posthoc_flags_are_refused_before_anything_is_written(landscapes, tmp_path, capsys):
+    base = ["train", "--data", str(landscapes), "--outdir", str(tmp_path / "runs"), "--arch", "edm2"]
+    for flags, words in [
+        (["--posthoc-ema", "0.05,0.4"], "--posthoc-ema 0.4"),
+        (["--posthoc-ema", "0.1,0.1"], "repeated"),
+        (["--lr-ref-kimg", "-1"], "--lr-ref-kimg -1"),
+    ]:
+        assert main([*base, *flags]) == 2
+        assert words in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

@@ -19,6 +19,7 @@ from patchdiff.data.latents import resolve_latent
 from patchdiff.patching import PatchSchedule, resolve_schedule
 from patchdiff.training.checkpoint import StateError, check_state, find_resume_state, load_state
 from patchdiff.training.lock import RunLock, RunLockedError
+from patchdiff.training.posthoc_ema import MAX_SIGMA_REL
 from patchdiff.training.stream import StepPlan
 
 # Flags whose value must be finite and positive (or >= 0), checked before anything is written.
@@ -33,11 +34,13 @@ NON_NEGATIVE = (
     ("--grad-clip", "grad_clip"),
     ("--checkpoint", "checkpoint_kimg"),
     ("--checkpoint-minutes", "checkpoint_minutes"),
+    ("--lr-ref-kimg", "lr_ref_kimg"),
 )
 # A resumed run's network must match its saved weights.
 FIXED_ON_RESUME = ("network.arch", "network.model_channels", "network.channel_mult", "network.num_blocks")
 FIXED_ON_RESUME += ("network.attn_resolutions", "cond", "patch.coords", "network.depth", "network.width")
 FIXED_ON_RESUME += ("network.heads", "network.dit_patch", "network.prediction", "latent.norm")
+FIXED_ON_RESUME += ("loss.weighting", "posthoc_ema")  # learned u(sigma) weights; EMA profiles since step 0
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -49,6 +52,11 @@ def check_config(cfg: TrainConfig) -> None:
             raise ValueError(f"{flag} {value}: must be {need}")
     if cfg.max_bad_steps < 1:
         raise ValueError(f"max_bad_steps {cfg.max_bad_steps}: must be at least 1")
+    for sigma_rel in cfg.posthoc_ema:
+        if not 0.0 < sigma_rel < MAX_SIGMA_REL:
+            raise ValueError(f"--posthoc-ema {sigma_rel}: each sigma_rel must be in (0, {MAX_SIGMA_REL})")
+    if len(set(cfg.posthoc_ema)) != len(cfg.posthoc_ema):
+        raise ValueError(f"--posthoc-ema {','.join(map(str, cfg.posthoc_ema))}: a sigma_rel is repeated")
 
 
 def check_outdir(outdir: str) -> None:
