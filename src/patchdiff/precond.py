@@ -56,8 +56,7 @@ class Denoiser(nn.Module):
     ):
         super().__init__()
         self.net = net
-        if logvar is not None:
-            self.logvar = logvar
+        self.logvar = logvar  # None: no state_dict entries, so other snapshots load unchanged
         self.sigma_data = sigma_data
         self.use_coords = use_coords
         self.label_dim = label_dim
@@ -71,5 +70,9 @@ class Denoiser(nn.Module):
         F_x = self.net(net_in, c_noise.reshape(-1), labels)
         D_x = c_skip * x + c_out * F_x.to(torch.float32)
         if return_logvar:  # inside forward, so that DDP sees u's parameters used
+            if self.logvar is None:
+                raise ValueError(
+                    "this denoiser has no learned loss weighting; build it with build_denoiser(cfg)"
+                )
             return D_x, self.logvar(c_noise.reshape(-1))
         return D_x
