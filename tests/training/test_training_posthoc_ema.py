@@ -142,6 +142,10 @@ def test_resume_is_exact_with_the_edm2_recipe(landscapes, tmp_path):
     for s in a["phema"]:
         for name, tensor in a["phema"][s].items():
             assert torch.equal(tensor, b["phema"][s][name]), f"phema {s} {name} differs after resume"
+    # The tracked profiles cannot change mid-run: they average from step 0.
+    other_profiles = edm2_config(landscapes, tmp_path / "b", duration_kimg=0.4, posthoc_ema=(0.05,))
+    with pytest.raises(ValueError, match="posthoc_ema"):
+        loop.train(other_profiles, resume="auto", progress=False, grid=0, overrides={"posthoc_ema"})
     # The snapshots of the resumed run hold the same profiles as the uninterrupted one's.
     (last,) = sorted(full.glob("phema-*-0.050.safetensors"))[-1:]
     other = load_file(str(resumed / last.name))
