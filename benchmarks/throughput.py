@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--paper", action="store_true", help="the paper's 64x64 DDPM++ (cbase 128, blocks 4), batch 64"
     )
     p.add_argument("--resolution", type=int, help="R, the image size (default 64)")
-    p.add_argument("--arch", choices=("ddpmpp", "ncsnpp", "adm", "dit"), help="backbone (default ddpmpp)")
+    p.add_argument(
+        "--arch", choices=("ddpmpp", "ncsnpp", "adm", "dit", "edm2"), help="backbone (default ddpmpp)"
+    )
     p.add_argument("--cbase", type=int, help="base channels (default 32; --paper 128)")
     p.add_argument("--cres", type=int_tuple, help="channel multipliers per level (default 1,2,2,2)")
     p.add_argument("--blocks", type=int, help="residual blocks per level (default 1; --paper 4)")

@@ -185,6 +185,9 @@ class LossConfig:
     P_std: float = 1.2
     sigma_data: float = 0.5
     scaling: Literal["mean", "published"] = "mean"  # loss reduction over a crop's pixels, see loss.py
+    weighting: Literal["edm", "learned"] = (
+        "edm"  # "learned": EDM2's log-variance weighting (loss_weighting.py)
+    )
 
 
 @dataclass(frozen=True)
@@ -240,6 +243,12 @@ class TrainConfig:
     lr_cooldown: float = 0.0  # the learning rate decays to 0 over this last share of the steps (stream.py)
     lr_cooldown_shape: Literal["linear", "cosine"] = "linear"
     ema_unit: EmaUnit = "images"  # "steps": EMA half-life and warm-up in steps of --batch images (stream.py)
+    # EDM2 (Karras et al. 2024): "isqrt" divides the learning rate by sqrt(max(images / ref, 1)) after the
+    # warm-up, ref = lr_ref_kimg (0: 70,000 steps of `batch`, the paper's t_ref); sigma_rel of the power-
+    # function EMA profiles stored at every snapshot for post-hoc EMA (training/posthoc_ema.py; () = none).
+    lr_schedule: Literal["rampup", "isqrt"] = "rampup"
+    lr_ref_kimg: float = 0.0
+    posthoc_ema: tuple[float, ...] = ()
 
 
 # --------------------------------------------------------------------------- JSON round trip

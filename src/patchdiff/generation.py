@@ -24,6 +24,7 @@ from patchdiff.canvas import Canvas, canvas_denoiser, frame_canvas
 from patchdiff.config import TrainConfig
 from patchdiff.inpaint import Known, inpainting_denoiser, mask_to_grid, paste_known, place
 from patchdiff.latent import decode_to_pixels, load_vae, to_network
+from patchdiff.loss_weighting import LogVar
 from patchdiff.networks import build_network
 from patchdiff.precond import Denoiser
 from patchdiff.precond_vp import VPDenoiser
@@ -34,7 +35,10 @@ from patchdiff.training.checkpoint import newest_snapshot, read_snapshot
 def build_denoiser(cfg: TrainConfig, pretrained: bool = True) -> Denoiser | VPDenoiser:
     """pretrained: load cfg.network.init_from's weights (at training start; load() passes False)."""
     net = build_network(cfg.network, pretrained=pretrained)
+    learned = cfg.loss.weighting == "learned"
     if cfg.network.prediction != "edm":  # a pretrained epsilon / v network
+        if learned:
+            raise ValueError("--loss-weighting learned needs an EDM network, not --prediction epsilon/v")
         return VPDenoiser.from_config(net, cfg.network)
     return Denoiser(
         net,
@@ -43,6 +47,7 @@ def build_denoiser(cfg: TrainConfig, pretrained: bool = True) -> Denoiser | VPDe
         label_dim=cfg.network.label_dim,
         coord_embed=cfg.network.coord_embed,
         augment_dim=cfg.network.augment_dim,
+        logvar=LogVar() if learned else None,
     )
 
 

@@ -26,6 +26,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from patchdiff.config import LossConfig
+from patchdiff.loss_weighting import logvar_loss
 
 LOSS_SCALINGS = ("mean", "published")
 
@@ -103,9 +104,11 @@ def edm_loss(
         sigma = inner.round_sigma(sigma)
     sigma = sigma.reshape(-1, 1, 1, 1)
     n = torch.randn(y.shape, device=y.device, generator=generator) * sigma
-    if augment_labels is None:
-        D = denoiser(y + n, sigma.reshape(-1), coords, class_labels)
-    else:
-        D = denoiser(y + n, sigma.reshape(-1), coords, class_labels, augment_labels=augment_labels)
+    extra = {} if augment_labels is None else dict(augment_labels=augment_labels)
+    if cfg.weighting == "learned":  # EDM2's learned log-variance weighting (loss_weighting.py)
+        D, u = denoiser(y + n, sigma.reshape(-1), coords, class_labels, return_logvar=True, **extra)
+        weight = getattr(inner, "loss_weight", loss_weight)(sigma, cfg.sigma_data)
+        return logvar_loss(weight * (D - y) ** 2, u).mean() * scale
+    D = denoiser(y + n, sigma.reshape(-1), coords, class_labels, **extra)
     weight = getattr(inner, "loss_weight", loss_weight)(sigma, cfg.sigma_data)
     return (weight * (D - y) ** 2).mean() * scale

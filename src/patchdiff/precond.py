@@ -56,9 +56,11 @@ class Denoiser(nn.Module):
         label_dim: int = 0,
         coord_embed: int = 0,  # K frequencies of each coordinate (patching.coordinate_features)
         augment_dim: int = 0,
+        logvar: nn.Module | None = None,  # EDM2's learned loss weighting u(c_noise), trained alongside
     ):
         super().__init__()
         self.net = net
+        self.logvar = logvar  # None: no state_dict entries, so other snapshots load unchanged
         self.sigma_data = sigma_data
         self.use_coords = use_coords
         self.label_dim = label_dim
@@ -66,8 +68,8 @@ class Denoiser(nn.Module):
         self.augment_dim = augment_dim
 
     def forward(
-        self, x: torch.Tensor, sigma, coords=None, class_labels=None, augment_labels=None
-    ) -> torch.Tensor:
+        self, x: torch.Tensor, sigma, coords=None, class_labels=None, augment_labels=None, return_logvar=False
+    ):
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
         sigma = sigma.expand(x.shape[0]) if sigma.numel() == 1 else sigma
@@ -81,4 +83,11 @@ class Denoiser(nn.Module):
             F_x = self.net(net_in, c_noise.reshape(-1), labels, augment_labels=augment_labels.to(x.device))
         else:
             F_x = self.net(net_in, c_noise.reshape(-1), labels)
-        return c_skip * x + c_out * F_x.to(torch.float32)
+        D_x = c_skip * x + c_out * F_x.to(torch.float32)
+        if return_logvar:  # inside forward, so that DDP sees u's parameters used
+            if self.logvar is None:
+                raise ValueError(
+                    "this denoiser has no learned loss weighting; build it with build_denoiser(cfg)"
+                )
+            return D_x, self.logvar(c_noise.reshape(-1))
+        return D_x

@@ -106,18 +106,18 @@ def test_weights_stay_normalised_after_an_optimiser_step():
     torch.manual_seed(0)
     cfg = tiny()
     net = build_network(cfg).train()
-    renormalize_weights_(net)
     opt = torch.optim.Adam(net.parameters(), lr=0.05)
     with torch.no_grad():
         net.out_gain.fill_(1.0)  # so that every weight gets a gradient
     x, c = unit(4, cfg.in_channels, 16, 16), unit(4, seed=1)
-    net(x, c).square().mean().backward()
-    opt.step()
     convs = [m for m in net.modules() if isinstance(m, MPConv)]
 
     def rms(w):
         return w.square().mean(dim=tuple(range(1, w.ndim))).sqrt()
 
+    assert all(torch.allclose(rms(m.weight), torch.ones(m.weight.shape[0]), atol=1e-3) for m in convs)
+    net(x, c).square().mean().backward()
+    opt.step()
     assert any((rms(m.weight) - 1).abs().max() > 1e-3 for m in convs)  # the step moved the norms
     renormalize_weights_(net)
     for m in convs:

@@ -10,9 +10,9 @@ import argparse
 import sys
 import warnings
 
-from patchdiff.cli import compare, dataset, demo, fid, generate, importer, report, train
+from patchdiff.cli import compare, dataset, demo, ema, fid, generate, importer, report, train
 
-COMMANDS = (dataset, train, generate, fid, report, compare, demo, importer)
+COMMANDS = (dataset, train, generate, fid, report, compare, demo, importer, ema)
 
 
 def build_parser() -> argparse.ArgumentParser:

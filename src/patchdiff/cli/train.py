@@ -162,7 +162,9 @@ def add_parser(subparsers) -> None:
     )
     g.add_argument("--batch", type=int, default=512, help="full-size images per step, all processes")
     g.add_argument("--batch-gpu", type=int, default=0, help="per process and round (gradient accumulation)")
-    g.add_argument("--lr", type=float, default=10e-4, help="Adam learning rate")
+    g.add_argument(
+        "--lr", type=float, help="Adam learning rate (default 10e-4; edm2 0.012, the paper's XS lr_ref)"
+    )
     g.add_argument("--lr-rampup", type=float, default=10_000, help="learning-rate warm-up in kimg")
     g.add_argument(
         "--lr-cooldown",
@@ -198,6 +200,31 @@ def add_parser(subparsers) -> None:
         "takes minutes and gained nothing in docs/benchmarks.md)",
     )
     g.add_argument("--grad-clip", type=float, default=0.0, help="gradient norm clip (0 = off)")
+    g.add_argument(
+        "--lr-schedule",
+        choices=["rampup", "isqrt"],
+        help="after the warm-up: constant (rampup, the default) or EDM2's lr / sqrt(max(t / t_ref, 1)) "
+        "(isqrt, the default with --arch edm2)",
+    )
+    g.add_argument(
+        "--lr-ref-kimg",
+        type=float,
+        default=0.0,
+        help="t_ref of --lr-schedule isqrt in kimg (0 = 70,000 steps of --batch, as in EDM2)",
+    )
+    g.add_argument(
+        "--loss-weighting",
+        choices=["edm", "learned"],
+        help="EDM's lambda(sigma) (the default), or EDM2's learned log-variance per sigma on top of it "
+        "(the default with --arch edm2)",
+    )
+    g.add_argument(
+        "--posthoc-ema",
+        type=float_list,
+        metavar="SIGMA_REL,...",
+        help="power-function EMA profiles stored at every snapshot, for `patchdiff ema` (default none; "
+        "0.05,0.10 with --arch edm2; '' = none)",
+    )
     g.add_argument("--P-mean", type=float, default=-1.2, help="mean of ln(sigma) in training")
     g.add_argument("--P-std", type=float, default=1.2, help="std of ln(sigma) in training")
     g.add_argument(
@@ -323,6 +350,7 @@ FIELD_OF_FLAG = {
     "P_mean": "loss.P_mean",
     "P_std": "loss.P_std",
     "loss_scaling": "loss.scaling",
+    "loss_weighting": "loss.weighting",
     "tick": "tick_kimg",
     "snap": "snap_ticks",
     "checkpoint": "checkpoint_kimg",
@@ -351,6 +379,9 @@ def default_precision(device: str | None) -> str:
 
     on_cuda = device.startswith("cuda") if device else torch.cuda.is_available()
     return "bf16" if on_cuda else "fp32"
+
+
+EDM2_LR = 0.012  # EDM2's lr_ref for XS (Karras et al. 2024, Table 5)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -387,6 +418,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         from patchdiff.networks.diffusers_unet import resolve_unet
 
         net = resolve_unet(net, args.prediction)  # stores the UNet config: snapshots rebuild without the hub
+    edm2 = args.arch == "edm2"  # its training dynamics are the defaults (EDM2, Karras et al. 2024)
     patch = PatchConfig(
         schedule=args.patch_schedule,
         real_p=args.real_p,
@@ -405,12 +437,17 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         outdir=args.outdir,
         network=net,
         patch=patch,
-        loss=LossConfig(P_mean=args.P_mean, P_std=args.P_std, scaling=args.loss_scaling),
+        loss=LossConfig(
+            P_mean=args.P_mean,
+            P_std=args.P_std,
+            scaling=args.loss_scaling,
+            weighting=args.loss_weighting or ("learned" if edm2 else "edm"),
+        ),
         latent=LatentConfig(norm=args.latent_norm),
         duration_kimg=args.duration,
         batch=args.batch,
         batch_gpu=args.batch_gpu,
-        lr=args.lr,
+        lr=args.lr if args.lr is not None else (EDM2_LR if edm2 else 10e-4),
         lr_rampup_kimg=args.lr_rampup,
         ema_halflife_kimg=args.ema,
         ema_rampup_ratio=args.ema_rampup,
@@ -437,6 +474,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         subset=args.subset,
         subset_seed=args.subset_seed,
         init_snapshot=args.init_snapshot,
+        lr_schedule=args.lr_schedule or ("isqrt" if edm2 else "rampup"),
+        lr_ref_kimg=args.lr_ref_kimg,
+        posthoc_ema=args.posthoc_ema if args.posthoc_ema is not None else ((0.05, 0.10) if edm2 else ()),
     )
 
 

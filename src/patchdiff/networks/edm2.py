@@ -48,6 +48,7 @@ ATTN_BALANCE = 0.3
 CONCAT_BALANCE = 0.5
 LABEL_BALANCE = 0.5
 CHANNELS_PER_HEAD = 64
+CLIP_ACT = 256  # activations are clamped to +-256 after each block (the paper's guard for fp16)
 EPS = 1e-4
 
 # --------------------------------------------------------------------------- magnitude-preserving math
@@ -105,7 +106,7 @@ class MPConv(nn.Module):
     def __init__(self, c_in: int, c_out: int, kernel: int):
         super().__init__()
         shape = (c_out, c_in, kernel, kernel) if kernel else (c_out, c_in)
-        self.weight = nn.Parameter(torch.randn(shape))
+        self.weight = nn.Parameter(normalize(torch.randn(shape)))  # stored at unit RMS from the start
 
     def forward(self, x: torch.Tensor, gain: float | torch.Tensor = 1.0) -> torch.Tensor:
         w = normalize(self.weight.to(torch.float32)) / math.sqrt(self.weight[0].numel())  # unit norm
@@ -174,7 +175,7 @@ class Block(nn.Module):
         x = mp_sum(x, y, RES_BALANCE)
         if self.heads:
             x = mp_sum(x, self.attend(x), ATTN_BALANCE)
-        return x
+        return x.clamp(-CLIP_ACT, CLIP_ACT)
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         """Cosine self-attention over the pixels of x [N, C, H, W]."""

@@ -100,7 +100,7 @@ def train_step(
         torch.nn.utils.clip_grad_norm_(denoiser.parameters(), cfg.grad_clip)
     scaler.step(optimizer)
     scaler.update()
-    if cfg.network.arch == "edm2":  # forced weight normalisation of the stored weights (EDM2, Sec. 3)
+    if cfg.network.arch == "edm2" or cfg.loss.weighting == "learned":  # forced weight normalisation (EDM2)
         renormalize_weights_(denoiser)
     return loss_sum, n
 

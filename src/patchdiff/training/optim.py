@@ -6,12 +6,33 @@ DDPM++); the fused kernel makes the update one pass over memory. The update rule
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
+
+from patchdiff.config import TrainConfig
+
+ISQRT_REF_STEPS = 70_000  # EDM2's t_ref in steps (Karras et al. 2024, Table 1)
 
 
 def make_adam(params: Iterable[torch.nn.Parameter], lr: float, device: torch.device) -> torch.optim.Adam:
     """Adam with EDM's betas (0.9, 0.999) and eps 1e-8, fused where PyTorch has the kernel."""
     fused = device.type in ("cpu", "cuda")
     return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
+
+
+def learning_rate(images_seen: float, cfg: TrainConfig) -> float:
+    """The learning rate after `images_seen` images: a linear warm-up over lr_rampup_kimg, then constant
+    ("rampup") or EDM2's inverse square-root decay lr / sqrt(max(t / t_ref, 1)) ("isqrt", Eq. 7)."""
+    return (
+        cfg.lr * min(images_seen / max(cfg.lr_rampup_kimg * 1000, 1e-8), 1.0) * isqrt_decay(images_seen, cfg)
+    )
+
+
+def isqrt_decay(images_seen: float, cfg: TrainConfig) -> float:
+    """The schedule's decay factor: 1 ("rampup"), or 1 / sqrt(max(t / t_ref, 1)) ("isqrt", EDM2 Eq. 7)."""
+    if cfg.lr_schedule != "isqrt":
+        return 1.0
+    t_ref = (cfg.lr_ref_kimg * 1000) or ISQRT_REF_STEPS * cfg.batch
+    return 1.0 / math.sqrt(max(images_seen / t_ref, 1.0))

@@ -40,7 +40,8 @@ from patchdiff.training.ema import ema_beta, update_ema
 from patchdiff.training.faults import Faults
 from patchdiff.training.lock import RunLock
 from patchdiff.training.mfu import achieved, flops_by_crop
-from patchdiff.training.optim import make_adam
+from patchdiff.training.optim import isqrt_decay, make_adam
+from patchdiff.training.posthoc_ema import PowerEMA, snapshot_name
 from patchdiff.training.setup import Setup, load_init_weights, new_run_dir
 from patchdiff.training.signals import RunInterruptedError, StopRequests, ignore_stop_signals, signal_name
 from patchdiff.training.stream import CropDataset, StreamSampler, clock, lr_factor, step_seed
@@ -91,6 +92,7 @@ class Run:
         if dev.type == "cuda":  # what cuDNN's fastest convolutions and bf16 tensor cores want
             self.denoiser = self.denoiser.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.denoiser).eval().requires_grad_(False)
+        self.phema = PowerEMA(self.denoiser, cfg.posthoc_ema) if cfg.posthoc_ema else None
         self.optimizer = make_adam(self.denoiser.parameters(), cfg.lr, dev)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=cfg.precision == "fp16")
         self.counters = dict(step=0, position=0, images=0, time_s=0.0, crops={}, steps_by_size={})
@@ -101,6 +103,8 @@ class Run:
                 self.optimizer.load_state_dict(state["optimizer"])
                 if state.get("scaler"):
                     self.scaler.load_state_dict(state["scaler"])
+                if self.phema is not None:
+                    self.phema.load_state_dict(state.get("phema", {}))
             except (RuntimeError, ValueError, KeyError) as error:
                 msg = str(error).strip().splitlines()[0][:200]
                 raise StateError(
@@ -294,7 +298,7 @@ class Run:
             counted, step, plan.total_steps, cfg.lr_rampup_kimg * 1000, cfg.lr_cooldown, cfg.lr_cooldown_shape
         )
         for group in self.optimizer.param_groups:
-            group["lr"] = cfg.lr * factor
+            group["lr"] = cfg.lr * factor * isqrt_decay(counted, cfg)
         rounds_data = (next(self.batches) for _ in range(self.rounds))
         size = str(self.schedule.sizes[index])
         first = self.compile_s is not None and size not in self.compile_s
@@ -324,6 +328,9 @@ class Run:
         self.worst_streak = torch.maximum(self.worst_streak, self.bad_streak)
         beta = ema_beta(counted_step, counted + counted_step, cfg.ema_halflife_kimg, cfg.ema_rampup_ratio)
         update_ema(self.ema, self.denoiser, beta)
+        if self.phema is not None:
+            nimg = plan.nimg(step)  # the profiles' time is images seen (the paper's t)
+            self.phema.update(self.denoiser, plan.nimg(step + 1) - nimg, plan.nimg(step + 1))
         c, size, seen = self.counters, str(self.schedule.sizes[index]), n * self.rounds * self.world
         c["crops"][size] = c["crops"].get(size, 0) + seen
         c["steps_by_size"][size] = c["steps_by_size"].get(size, 0) + 1
@@ -415,6 +422,7 @@ class Run:
             optimizer=self.optimizer.state_dict(),
             scaler=self.scaler.state_dict(),
             counters=json.dumps(self.counters),
+            **({"phema": self.phema.state_dict()} if self.phema is not None else {}),
         )
 
     def write_state(self) -> None:
@@ -465,6 +473,14 @@ class Run:
             path = self.run_dir / f"snapshot-{name}.safetensors"
             try:
                 save_snapshot(path, self.ema, self.cfg, step=step, kimg=kimg)
+                if self.phema is not None:  # the power-function profiles, for `patchdiff ema`
+                    for s, gamma, ema in zip(
+                        self.phema.sigma_rels, self.phema.gammas, self.phema.emas, strict=True
+                    ):
+                        info = dict(
+                            step=step, kimg=kimg, images=self.plan.nimg(step), sigma_rel=s, gamma=gamma
+                        )
+                        save_snapshot(self.run_dir / snapshot_name(step, s), ema, self.cfg, **info)
             except Exception as e:  # OSError, or safetensors' own error type on a full disk
                 reason = (
                     getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -26,6 +26,7 @@ from patchdiff.training.checkpoint import (
     read_snapshot,
 )
 from patchdiff.training.lock import RunLock, RunLockedError
+from patchdiff.training.posthoc_ema import MAX_SIGMA_REL
 from patchdiff.training.stream import StepPlan
 
 # Flags whose value must be finite and positive (or >= 0), checked before anything is written.
@@ -40,6 +41,7 @@ NON_NEGATIVE = (
     ("--grad-clip", "grad_clip"),
     ("--checkpoint", "checkpoint_kimg"),
     ("--checkpoint-minutes", "checkpoint_minutes"),
+    ("--lr-ref-kimg", "lr_ref_kimg"),
 )
 # A resumed run's network must match its saved weights.
 FIXED_ON_RESUME = ("network.arch", "network.model_channels", "network.channel_mult", "network.num_blocks")
@@ -50,7 +52,14 @@ FIXED_ON_RESUME += ("network.augment_dim", "subset", "subset_seed")
 # The step plan counts images (kimg, LR ramp, EMA, phases) and picks crop sizes from these, step by step
 # from step 0: changed on resume, they would recount the steps already taken.
 COUNTED_ON_RESUME = ("batch", "seed", "patch.schedule", "patch.sizes", "patch.probs", "patch.batch_mult")
-COUNTED_ON_RESUME += ("patch.real_p", "patch.latent", "patch.finish_full", "patch.crop_kimg", "patch.min_crop")
+COUNTED_ON_RESUME += (
+    "patch.real_p",
+    "patch.latent",
+    "patch.finish_full",
+    "patch.crop_kimg",
+    "patch.min_crop",
+)
+FIXED_ON_RESUME += ("loss.weighting", "posthoc_ema")  # learned u(sigma) weights; EMA profiles since step 0
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -66,6 +75,11 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--ema-unit {cfg.ema_unit!r}: choose images or steps")
     if cfg.max_bad_steps < 1:
         raise ValueError(f"max_bad_steps {cfg.max_bad_steps}: must be at least 1")
+    for sigma_rel in cfg.posthoc_ema:
+        if not 0.0 < sigma_rel < MAX_SIGMA_REL:
+            raise ValueError(f"--posthoc-ema {sigma_rel}: each sigma_rel must be in (0, {MAX_SIGMA_REL})")
+    if len(set(cfg.posthoc_ema)) != len(cfg.posthoc_ema):
+        raise ValueError(f"--posthoc-ema {','.join(map(str, cfg.posthoc_ema))}: a sigma_rel is repeated")
 
 
 def check_outdir(outdir: str) -> None:
