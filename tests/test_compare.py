@@ -219,3 +219,25 @@ def test_an_interrupted_configuration_resumes_from_the_state_training_would(
     entry = dict(kimg=0.1, budget_flops=1e9, flops_per_image=1e4)
     study_module.train_one(study, study.configs[0], entry, run_out, tqdm(disable=True))
     assert commands[0][-2:] == ["--resume", str(run_dir)]  # not a fresh start
+
+
+def test_loss_by_sigma_scores_a_vp_model_as_it_is_trained():
+    """An epsilon model is scored at its own timesteps with the plain epsilon MSE (1 / sigma^2): a network
+    that predicts no noise has epsilon loss 1 at every level, where EDM's lambda would give 1 + 4 sigma^2."""
+    import torch
+
+    from patchdiff.compare.sigma_loss import loss_by_sigma
+    from patchdiff.precond_vp import VPDenoiser, vp_alphas_cumprod
+
+    class Zero(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(()))  # the scorer reads the device from it
+
+        def forward(self, x, t, labels=None):
+            return torch.zeros_like(x)
+
+    D = VPDenoiser(Zero(), "epsilon", vp_alphas_cumprod("scaled_linear", 0.00085, 0.012), use_coords=False)
+    y = torch.zeros(64, 1, 8, 8)
+    losses = loss_by_sigma(D, y, (0.5, 5.0), batch=64)
+    assert losses == pytest.approx([1.0, 1.0], rel=0.05)

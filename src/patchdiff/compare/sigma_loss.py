@@ -31,12 +31,17 @@ def loss_by_sigma(
     batch: int = 250,
 ) -> list[float]:
     """lambda(sigma) * mean ||D(y + n; sigma) - y||^2 over full images y [N, C, H, W] in [-1, 1], for each
-    sigma: the EDM training loss at that noise level, on whole images. Unconditional (null label)."""
+    sigma: the EDM training loss at that noise level, on whole images. Unconditional (null label). A
+    discrete-time (VP) denoiser is scored at its timestep nearest each sigma, with its own loss weight, as
+    it is trained (loss.edm_loss)."""
     gen = torch.Generator().manual_seed(seed)
     label_dim = getattr(denoiser, "label_dim", 0)
     device = next(denoiser.parameters()).device
+    weight_of = getattr(denoiser, "loss_weight", loss_weight)
     losses = []
     for sigma in sigmas:
+        if hasattr(denoiser, "round_sigma"):
+            sigma = float(denoiser.round_sigma(torch.tensor([float(sigma)]))[0])
         total = 0.0
         for y in images.split(batch):
             noise = torch.randn(y.shape, generator=gen) * sigma
@@ -44,7 +49,7 @@ def loss_by_sigma(
             labels = torch.zeros(len(y), label_dim, device=device) if label_dim else None
             D = denoiser(y + noise, torch.full((len(y),), float(sigma), device=device), None, labels)
             total += float(((D - y) ** 2).mean(dim=(1, 2, 3)).sum())
-        weight = float(loss_weight(torch.tensor(float(sigma)), sigma_data))
+        weight = float(weight_of(torch.tensor(float(sigma)), sigma_data))
         losses.append(weight * total / len(images))
     return losses
 
