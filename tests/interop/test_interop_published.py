@@ -365,6 +365,7 @@ def test_vp_and_ve_wrappers_import_with_their_preconditioning(
             D = model.denoiser(x, s, None, labels).double()
         expected = c_skip * x.double() + c_out * F
         error = float((D - expected).abs().max() / expected.abs().max())
+        print(f"{class_name} sigma={s}: max|dD|/max|D| = {error:.2e}")
         assert error < TOLERANCE, (s, error)
     # and not EDM's preconditioning: the same backbone under "edm" answers otherwise
     edm = load(path, "cpu").denoiser
