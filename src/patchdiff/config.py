@@ -65,6 +65,8 @@ class NetworkConfig:
     edm_noise_endpoint: bool = False
     edm_aux_conv_first: bool = False
     edm_attn_full_heads: bool = False
+    # The preconditioning of D (precond.py): EDM's own, or EDM's VP / VE columns (imported EDM snapshots).
+    precond: Literal["edm", "vp", "ve"] = "edm"
 
     @property
     def in_channels(self) -> int:

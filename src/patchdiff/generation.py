@@ -48,6 +48,7 @@ def build_denoiser(cfg: TrainConfig, pretrained: bool = True) -> Denoiser | VPDe
         coord_embed=cfg.network.coord_embed,
         augment_dim=cfg.network.augment_dim,
         logvar=LogVar() if learned else None,
+        precond=cfg.network.precond,
     )
 
 
@@ -208,7 +209,7 @@ def iter_images(
     out-paint around these pixels (inpaint.py)."""
     sampler, num_steps = resolve_sampler(sampler, num_steps)
     check_sampling_args(model, seeds, batch_size, num_steps, class_label, cfg_scale)
-    if isinstance(model.denoiser, VPDenoiser):  # a pretrained DDPM knows only its own noise levels
+    if hasattr(model.denoiser, "sigma_range"):  # a DDPM / VP / VE network knows only its own noise levels
         sigma_min, sigma_max = model.denoiser.sigma_range(sigma_min, sigma_max)
     canvas = canvas or frame_canvas(model.image_size)
     check_canvas(model, canvas)

@@ -14,7 +14,7 @@ def add_parser(subparsers) -> None:
         "import",
         help="convert a published Patch Diffusion / EDM snapshot (.pkl) safely",
         description="Convert a network-snapshot-*.pkl of the published Patch Diffusion or EDM code "
-        "(DDPM++, NCSN++ or ADM; EDMPrecond or Patch_EDMPrecond) into a patchdiff snapshot. The pickle is "
+        "(DDPM++, NCSN++ or ADM; EDMPrecond, Patch_EDMPrecond, VPPrecond or VEPrecond) into a patchdiff snapshot. The pickle is "
         "read by a restricted unpickler: the module source it carries is never run.",
     )
     p.add_argument("snapshot", metavar="SNAPSHOT.pkl", help="the published snapshot")

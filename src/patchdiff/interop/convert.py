@@ -3,7 +3,9 @@
 Supported: the EDM wrapper `EDMPrecond` (no coordinates) and Patch Diffusion's `Patch_EDMPrecond` (two
 coordinate channels appended to c_in x), around a DDPM++ or NCSN++ `SongUNet` or an ADM `DhariwalUNet`,
 pixel or latent, with or without classes. Both wrappers compute EDM's preconditioning (Karras et al.
-2022, Table 1), which precond.Denoiser computes too; only the backbone's weights need mapping.
+2022, Table 1), which precond.Denoiser computes too; only the backbone's weights need mapping. EDM's
+`VPPrecond` and `VEPrecond` (its published -vp / -ve snapshots) compute Table 1's VP and VE columns,
+NetworkConfig.precond "vp" / "ve", with the paper's constants (anything else is refused).
 
 The published layouts differ from ours in five places. Two are orderings, handled here by permuting
 weights: the DDPM++/NCSN++ noise embedding comes as [sin, cos] (ours [cos, sin]), and the fused qkv
@@ -21,9 +23,17 @@ import torch
 from patchdiff.config import NetworkConfig
 from patchdiff.interop.published import PublishedError, Record
 from patchdiff.networks import build_network
+from patchdiff.precond import VE_SIGMA_MAX, VE_SIGMA_MIN, VP_BETA_D, VP_BETA_MIN, VP_EPSILON_T, VP_M
 
 # The wrappers we can import: class name -> whether it appends coordinate channels.
-WRAPPERS = {"EDMPrecond": False, "Patch_EDMPrecond": True}
+WRAPPERS = {"EDMPrecond": False, "Patch_EDMPrecond": True, "VPPrecond": False, "VEPrecond": False}
+# Their preconditioning (NetworkConfig.precond), and the constants VP / VE wrappers record, with the
+# paper's values (Table 1): our VP / VE preconditioning computes with those.
+PRECONDS = {"EDMPrecond": "edm", "Patch_EDMPrecond": "edm", "VPPrecond": "vp", "VEPrecond": "ve"}
+WRAPPER_CONSTANTS: dict[str, dict[str, float]] = {
+    "VPPrecond": dict(beta_d=VP_BETA_D, beta_min=VP_BETA_MIN, M=VP_M, epsilon_t=VP_EPSILON_T),
+    "VEPrecond": dict(sigma_min=VE_SIGMA_MIN, sigma_max=VE_SIGMA_MAX),
+}
 # The published constructors' defaults (EDM, Appendix F.2), for arguments a snapshot does not record.
 BACKBONE_DEFAULTS: dict[str, dict[str, Any]] = {
     "SongUNet": dict(
@@ -83,6 +93,7 @@ def _convert(ema: Record) -> Converted:
     kw = {**BACKBONE_DEFAULTS[model.class_name], **model.init_kwargs}
     try:
         common = backbone_settings(kw, coords=WRAPPERS[ema.class_name])
+        check_wrapper_constants(ema, source)
     except (KeyError, TypeError, ValueError) as error:
         raise PublishedError(
             f"{source}: unreadable constructor arguments ({type(error).__name__}: {error})"
@@ -90,12 +101,12 @@ def _convert(ema: Record) -> Converted:
     if model.class_name == "SongUNet":
         arch = song_variant(kw, source)
         extra = dict(edm_noise_endpoint=arch == "ddpmpp", edm_aux_conv_first=arch == "ncsnpp")
-        cfg = NetworkConfig(arch=arch, **common, **extra)
+        cfg = NetworkConfig(arch=arch, **common, **extra, precond=PRECONDS[ema.class_name])
         names = song_names(cfg)
     elif model.class_name == "DhariwalUNet":
         if int(kw.get("channels_per_head", 64)) != 64:
             raise PublishedError(f"{source} uses {kw['channels_per_head']} channels per head; ours 64")
-        cfg = NetworkConfig(arch="adm", **common, edm_attn_full_heads=True)
+        cfg = NetworkConfig(arch="adm", **common, edm_attn_full_heads=True, precond=PRECONDS[ema.class_name])
         names = adm_names(cfg)
     try:
         net = build_network(cfg)
@@ -106,6 +117,17 @@ def _convert(ema: Record) -> Converted:
     )
     sigma_data = float(ema.state.get("sigma_data", 0.5))
     return Converted(cfg, sigma_data, state, source)
+
+
+def check_wrapper_constants(ema: Record, source: str) -> None:
+    """A VP / VE wrapper's recorded constants (its constructor's keyword arguments, else its attributes)
+    must be the paper's, which our preconditioning uses."""
+    for name, paper in WRAPPER_CONSTANTS.get(ema.class_name, {}).items():
+        value = float(ema.init_kwargs.get(name, ema.state.get(name, paper)))
+        if abs(value - paper) > 1e-9 * abs(paper):
+            raise PublishedError(
+                f"{source} has {name}={value:g}; only the paper's {name}={paper:g} is supported"
+            )
 
 
 def backbone_settings(kw: dict[str, Any], coords: bool) -> dict[str, Any]:

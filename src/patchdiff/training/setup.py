@@ -231,6 +231,11 @@ def snapshot_network(cfg: TrainConfig):
         _, saved, _ = read_snapshot(init_snapshot_file(cfg.init_snapshot))
     except (ValueError, TypeError) as error:
         raise ValueError(f"--init-snapshot {cfg.init_snapshot}: {' '.join(str(error).split())}") from None
+    if saved.network.precond != "edm":  # EDM's VP / VE training (its sigma and lambda) is not ours
+        raise ValueError(
+            f"--init-snapshot {cfg.init_snapshot}: its network uses {saved.network.precond.upper()} "
+            "preconditioning, which generate and fid calc support but training does not"
+        )
     return saved.network, saved.loss.sigma_data
 
 
