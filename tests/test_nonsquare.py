@@ -26,11 +26,11 @@ def sizes(folder, pattern="*.png"):
     return {Image.open(p).size for p in sorted(folder.glob(pattern))}
 
 
-def test_pixel_16x24_dataset_train_generate_fid_report(tmp_path, tiny_detector, capsys):
+def test_pixel_32x48_dataset_train_generate_fid_report(tmp_path, tiny_detector, capsys):
     data = tmp_path / "data.zip"
-    src = write_rectangles(tmp_path / "src", 16, 16, 24)
+    src = write_rectangles(tmp_path / "src", 16, 32, 48)
     assert main(["dataset", "--source", str(src), "--dest", str(data), "--no-progress"]) == 0
-    assert "(16x24, 3 channel(s)" in capsys.readouterr().out
+    assert "(32x48, 3 channel(s)" in capsys.readouterr().out
     runs = tmp_path / "runs"
     train = ["train", "--data", str(data), "--outdir", str(runs), *TINY_TRAIN_FLAGS, "--no-progress"]
     flags = [
@@ -47,16 +47,16 @@ def test_pixel_16x24_dataset_train_generate_fid_report(tmp_path, tiny_detector, 
     ]
     assert main([*train, *flags]) == 0
     (run,) = runs.iterdir()
-    assert json.loads((run / "config.json").read_text())["image_size"] == [16, 24]
-    assert sizes(run, "grid-*.png") == {(48, 32)}  # 2 x 2 images of W x H = 24 x 16
+    assert json.loads((run / "config.json").read_text())["image_size"] == [32, 48]
+    assert sizes(run, "grid-*.png") == {(96, 64)}  # 2 x 2 images of W x H = 48 x 32
     ticks = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
-    crops = ticks[-1]["crops"]  # images per step: round(8 * sqrt(384 / P^2)), 8 for the whole frame
+    crops = ticks[-1]["crops"]  # images per step: round(8 * sqrt(1536 / P^2)), 8 for the whole frame
     steps = ticks[-1]["steps_by_size"]
-    assert sum(crops.values()) == sum({"4": 39, "8": 20, "16": 8}[k] * n for k, n in steps.items())
+    assert sum(crops.values()) == sum({"8": 39, "16": 20, "32": 8}[k] * n for k, n in steps.items())
     out = tmp_path / "gen"
     gen = ["generate", "--model", str(run), "--outdir", str(out), "--seeds", "0-3", "--steps", "4"]
     assert main([*gen, "--grid", str(tmp_path / "grid.png"), "--no-progress"]) == 0
-    assert sizes(out) == {(24, 16)} and Image.open(tmp_path / "grid.png").size == (48, 32)
+    assert sizes(out) == {(48, 32)} and Image.open(tmp_path / "grid.png").size == (96, 64)
     common = ["--detector", tiny_detector, "--batch", "8", "--no-progress", "--device", "cpu"]
     ref = str(tmp_path / "ref.npz")
     assert main(["fid", "ref", "--data", str(data), "--dest", ref, *common]) == 0
