@@ -315,6 +315,11 @@ def sweep_sigma_rel(
         detector = load_detector(detector or None, device)
     rows = []
     for sigma_rel, at_step, model in posthoc_models(run_dir, sigma_rels, device, step, vae):
+        if not rows and sampling["num_steps"] is not None:  # refuse bad settings before the first sample
+            from patchdiff.generation import check_sampling_args
+
+            label, scale = sampling.get("class_label"), sampling.get("cfg_scale", 1.0)
+            check_sampling_args(model, range(seed, seed + num), batch, sampling["num_steps"], label, scale)
         features = generated_features(
             model, detector, range(seed, seed + num), batch=batch, progress=progress, **sampling
         )
