@@ -317,3 +317,5 @@ def test_fid_calc_sweeps_sigma_rel_in_memory(landscapes, tiny_detector, tiny_run
     assert "--sigma-rel" in capsys.readouterr().err
     assert main([*calc, "--model", str(run), "--sigma-rel", "0.1", "--class", "3"]) == 2
     assert "unconditional" in capsys.readouterr().err
+    assert main([*calc, "--model", str(run), "--step", "1"]) == 2
+    assert "--step 1 needs --sigma-rel" in capsys.readouterr().err

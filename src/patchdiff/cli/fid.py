@@ -163,6 +163,8 @@ def run_calc(args: argparse.Namespace, device: torch.device) -> int:
         raise ValueError("--model needs --num N (N >= 2 images to generate; 50000 for paper-comparable FID)")
     if args.model is not None and not 0 <= args.seeds <= 2**32 - args.num:
         raise ValueError(f"--seeds {args.seeds}: seeds START..START+N-1 must lie in 0..2**32-1")
+    if args.step is not None and args.sigma_rel is None:
+        raise ValueError(f"--step {args.step} needs --sigma-rel (it picks the snapshot to reconstruct at)")
     if args.sigma_rel is not None:
         _check_sweep(args)
     if args.json and distributed.is_main():
