@@ -268,3 +268,54 @@ def test_bad_posthoc_flags_are_refused_before_anything_is_written(landscapes, tm
         assert main([*base, *flags]) == 2
         assert words in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_fid_calc_sweeps_sigma_rel_in_memory(landscapes, tiny_detector, tiny_run, tmp_path, capsys):
+    """`fid calc --sigma-rel` scores each reconstructed profile on the same seeds: the same numbers as
+    scoring the snapshot `patchdiff ema` writes, one line each with the best marked, and a JSON file."""
+    from patchdiff.metrics import best_sigma_rel, sweep_sigma_rel
+
+    run = loop.train(edm2_config(landscapes, tmp_path / "runs", duration_kimg=0.2), progress=False, grid=0)
+    det = ["--detector", tiny_detector, "--batch", "4", "--workers", "0", "--no-progress", "--device", "cpu"]
+    ref = tmp_path / "ref.npz"
+    assert main(["fid", "ref", "--data", str(landscapes), "--dest", str(ref), *det]) == 0
+    calc = ["fid", "calc", "--ref", str(ref), "--num", "6", "--steps", "3", *det]
+    sweep = [*calc, "--model", str(run), "--sigma-rel", "0.05,0.2,0.1", "--json", str(tmp_path / "s.json")]
+    capsys.readouterr()
+    assert main(sweep) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("sigma_rel")]
+    assert [line.split()[1] for line in lines] == ["0.050", "0.200", "0.100"]
+    fids = [float(line.split()[line.split().index("fid") + 1]) for line in lines]
+    assert len(set(fids)) == 3  # the profiles differ, so do their samples
+    assert [line.endswith("<- best") for line in lines] == [f == min(fids) for f in fids]
+    record = json.loads((tmp_path / "s.json").read_text())
+    assert [r["sigma_rel"] for r in record["sweep"]] == [0.05, 0.2, 0.1]
+    assert record["best_sigma_rel"] == [0.05, 0.2, 0.1][fids.index(min(fids))]
+    assert [r["fid"] for r in record["sweep"]] == pytest.approx(fids, abs=1e-4)
+
+    # In memory == from the file `patchdiff ema` writes, on the same seeds.
+    assert main(["ema", str(run), "--sigma-rel", "0.2", "--dest", str(tmp_path / "ema")]) == 0
+    capsys.readouterr()
+    assert main([*calc, "--model", str(tmp_path / "ema" / "sigma-0.200")]) == 0
+    from_file = float(capsys.readouterr().out.split("fid ")[-1].split()[0])
+    assert from_file == pytest.approx(fids[1], rel=1e-3, abs=1e-4)
+
+    # The Python API, with KID too, at an earlier snapshot.
+    steps = sorted(int(p.name.split("-")[1]) for p in run.glob("phema-*-0.050.safetensors"))
+    rows = sweep_sigma_rel(
+        ["fid", "kid"], run, [0.1, 0.07], ref, 6, tiny_detector, 4, step=steps[0], num_steps=3, device="cpu"
+    )
+    assert [(r["sigma_rel"], r["step"]) for r in rows] == [(0.1, steps[0]), (0.07, steps[0])]
+    assert {"fid", "kid", "kid_std"} <= set(rows[0]) and best_sigma_rel(rows) in rows
+
+    # A run without profiles, or a sweep without a run folder: one line saying what to do.
+    assert main([*calc, "--model", str(tiny_run), "--sigma-rel", "0.1"]) == 2
+    assert "--posthoc-ema" in capsys.readouterr().err
+    assert main([*calc, "--images", str(landscapes), "--sigma-rel", "0.1"]) == 2
+    assert "--model RUN_DIR" in capsys.readouterr().err
+    assert main([*calc, "--model", str(run), "--sigma-rel", "0.5"]) == 2
+    assert "--sigma-rel" in capsys.readouterr().err
+    assert main([*calc, "--model", str(run), "--sigma-rel", "0.1", "--class", "3"]) == 2
+    assert "unconditional" in capsys.readouterr().err
+    assert main([*calc, "--model", str(run), "--step", "1"]) == 2
+    assert "--step 1 needs --sigma-rel" in capsys.readouterr().err

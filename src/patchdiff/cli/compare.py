@@ -64,6 +64,13 @@ def run(args: argparse.Namespace) -> int:
                 study.nn_k,
             )
             results[name] = dict(result, memorisation=records, nearest_grid=f"nearest-{name}.png")
+    if study.sigma_rel:
+        from patchdiff.compare.posthoc_ema import ensure_sigma_rel_sweeps
+
+        results = ensure_sigma_rel_sweeps(results, study, outdir)
+        for name, result in results.items():
+            if "sigma_rel_sweep" in result:
+                print(f"{name}: best post-hoc EMA sigma_rel {result['sigma_rel_sweep']['best']:g}")
     budget = next(iter(plan.values()))["budget_flops"]
     paths = write_results(results, outdir, budget)
     print(paths["table"])

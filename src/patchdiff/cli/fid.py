@@ -4,6 +4,7 @@
     patchdiff fid calc --images DIR|ZIP --ref REF.npz
     patchdiff fid calc --model RUN_DIR|SNAPSHOT --num 50000 --ref REF.npz [--sampler S] [--steps N] [--seeds 0]
         [--preset adm-latent] [--S-churn C --S-min A --S-max B --S-noise S]   (generate's sampler flags)
+    patchdiff fid calc --model RUN_DIR --sigma-rel 0.05,0.08,0.12 [--step N] ...   (post-hoc EMA sweep)
 
 Works under torchrun (images split over processes). Results go to stdout one per line.
 """
@@ -11,6 +12,7 @@ Works under torchrun (images split over processes). Results go to stdout one per
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -19,9 +21,11 @@ import torch
 from patchdiff import distributed
 from patchdiff.cli.checks import writable_file
 from patchdiff.cli.generate import add_sampler_flags, sampler_kwargs
+from patchdiff.cli.train import float_list
 from patchdiff.metrics.detector import CONVENTIONS, Detector, load_detector
 from patchdiff.metrics.features import dataset_features, generated_features
 from patchdiff.metrics.fid import (
+    best_sigma_rel,
     check_features,
     check_reference,
     load_reference,
@@ -29,6 +33,7 @@ from patchdiff.metrics.fid import (
     reference_from_features,
     save_reference,
     score_features,
+    sweep_sigma_rel,
 )
 from patchdiff.presets import SAMPLER_PRESETS, add_preset_flag
 
@@ -101,6 +106,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     calc.add_argument(
         "--vae", metavar="ID|PATH", help="latent models: decode with this VAE, not the recorded one"
     )
+    calc.add_argument(
+        "--sigma-rel",
+        type=float_list,
+        metavar="X[,Y...]",
+        help="with --model RUN_DIR trained with --posthoc-ema: score the post-hoc EMA of each sigma_rel "
+        "(reconstructed in memory, same seeds) and mark the best",
+    )
+    calc.add_argument(
+        "--step", type=int, help="with --sigma-rel: reconstruct at this snapshot (default: newest)"
+    )
+    calc.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
     # With --model: the same sampler flags and presets as `generate` (--class: the class of every image).
     add_sampler_flags(calc, batch_and_device=False)
     add_preset_flag(calc, SAMPLER_PRESETS)
@@ -147,7 +163,15 @@ def run_calc(args: argparse.Namespace, device: torch.device) -> int:
         raise ValueError("--model needs --num N (N >= 2 images to generate; 50000 for paper-comparable FID)")
     if args.model is not None and not 0 <= args.seeds <= 2**32 - args.num:
         raise ValueError(f"--seeds {args.seeds}: seeds START..START+N-1 must lie in 0..2**32-1")
+    if args.step is not None and args.sigma_rel is None:
+        raise ValueError(f"--step {args.step} needs --sigma-rel (it picks the snapshot to reconstruct at)")
+    if args.sigma_rel is not None:
+        _check_sweep(args)
+    if args.json and distributed.is_main():
+        writable_file(Path(args.json), "--json")  # before the expensive work, not after it
     detector = _load_detector(args, device)
+    if args.sigma_rel is not None:
+        return run_sweep(args, names, ref, detector, device)
     start = time.perf_counter()
     if args.images is not None:
         from patchdiff.data import ImageDataset
@@ -181,8 +205,73 @@ def run_calc(args: argparse.Namespace, device: torch.device) -> int:
         _say(f"fid {results['fid']:.4f}")
     if "kid" in results:
         _say(f"kid {results['kid']:.6f} ± {results['kid_std']:.6f}")
+    if args.json and distributed.is_main():
+        source = (
+            {"images": args.images} if args.images is not None else {"model": args.model, "seeds": args.seeds}
+        )
+        _write_json(args.json, {**source, "ref": args.ref, "num": len(features), **results})
     distributed.barrier()
     return 0
+
+
+def _check_sweep(args: argparse.Namespace) -> None:
+    from patchdiff.training.posthoc_ema import sigma_rel_to_gamma, stored_profiles
+
+    if args.model is None or not Path(args.model).is_dir():
+        raise ValueError("--sigma-rel needs --model RUN_DIR: a run folder with post-hoc EMA profiles")
+    if not args.sigma_rel:
+        raise ValueError("--sigma-rel needs at least one value, e.g. 0.05,0.1")
+    for s in args.sigma_rel:
+        try:
+            sigma_rel_to_gamma(s)
+        except ValueError as error:
+            raise ValueError(f"--sigma-rel: {error}") from None
+    stored_profiles(args.model)  # a run without profiles: one line saying to train with --posthoc-ema
+
+
+def run_sweep(
+    args: argparse.Namespace, names: tuple[str, ...], ref, detector: Detector, device: torch.device
+) -> int:
+    """One line per sigma_rel, the best marked; all scored on the same seeds."""
+    kw = sampler_kwargs(args)
+    start = time.perf_counter()
+    rows = sweep_sigma_rel(
+        names,
+        args.model,
+        args.sigma_rel,
+        ref,
+        args.num,
+        detector,
+        args.batch,
+        args.seeds,
+        args.progress,
+        step=args.step,
+        device=device,
+        vae=args.vae,
+        num_steps=kw["num_steps"],
+        class_label=args.class_label,
+        cfg_scale=args.cfg,
+        sampler=kw["sampler"],
+        **{k: kw[k] for k in ("S_churn", "S_min", "S_max", "S_noise")},
+    )
+    _say(_timed(time.perf_counter() - start, args.num * len(rows)))
+    best = best_sigma_rel(rows)
+    for row in rows:
+        scores = [f"fid {row['fid']:.4f}"] if "fid" in row else []
+        scores += [f"kid {row['kid']:.6f} ± {row['kid_std']:.6f}"] if "kid" in row else []
+        mark = "  <- best" if row is best else ""
+        _say(f"sigma_rel {row['sigma_rel']:.3f} step {row['step']} " + " ".join(scores) + mark)
+    if args.json and distributed.is_main():
+        record = {"model": args.model, "ref": args.ref, "num": args.num, "seeds": args.seeds}
+        _write_json(args.json, {**record, "best_sigma_rel": best["sigma_rel"], "sweep": rows})
+    distributed.barrier()
+    return 0
+
+
+def _write_json(path: str, record: dict) -> None:
+    from patchdiff.training.checkpoint import atomic_write_text
+
+    atomic_write_text(path, json.dumps(record, indent=2))
 
 
 def run(args: argparse.Namespace) -> int:

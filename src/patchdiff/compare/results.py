@@ -12,6 +12,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
+from patchdiff.compare.posthoc_ema import sigma_rel_table
 from patchdiff.report.plots import _log_y, _time_unit, atomic_write_bytes, png_bytes
 from patchdiff.report.series import as_float, last_metrics, latest_grid, metric_series, read_stats
 
@@ -214,6 +215,7 @@ def write_results(
         for name, r in results.items():
             if r.get("nearest_grid") and (outdir / r["nearest_grid"]).is_file():
                 paths[f"nearest {name}"] = outdir / r["nearest_grid"]
+    by_ema = sigma_rel_table(results)
     text = (
         f"# Study results\n\nBudget: {_fmt_flops(budget_flops)}FLOPs of training per configuration "
         "(counted forward + backward matmuls and convolutions, see patchdiff/flops.py). Train time excludes "
@@ -228,6 +230,12 @@ def write_results(
             "\nMemorisation at the last snapshot (nearest-neighbour grids: each sample, then its nearest "
             f"training images):\n\n{by_memory}"
             if by_memory
+            else ""
+        )
+        + (
+            "\nPost-hoc EMA at the last snapshot, by sigma_rel (configurations trained with --posthoc-ema; "
+            f"the best in bold):\n\n{by_ema}"
+            if by_ema
             else ""
         )
         + "\n"

@@ -15,7 +15,9 @@ every snapshot, the share of 1000 samples that copy a training image, and draws 
 grid of the last one (`nn_rows` samples, each with its `nn_k` nearest training images).
 
 Instead of `budget_flops`, `budget_kimg` with `budget_of` sets the budget to what configuration
-`budget_of` spends in that many kimg. Relative paths are relative to the study file.
+`budget_of` spends in that many kimg. `"sigma_rel": [0.05, 0.08, 0.12]` scores, for every configuration
+trained with --posthoc-ema, the post-hoc EMA of each sigma_rel at its final snapshot and reports the best
+(compare/posthoc_ema.py). Relative paths are relative to the study file.
 
 Each configuration trains for the kimg that spends the budget (flops.py), so the comparison does
 not depend on the machine or its load; training time is recorded too. Metrics are computed at
@@ -87,6 +89,7 @@ class StudyConfig:
     memorisation: int = 0  # samples per snapshot for the memorised share (compare/memorisation.py); 0 = off
     nn_rows: int = 8  # nearest-neighbour grid: samples (rows) ...
     nn_k: int = 4  # ... and the nearest training images beside each
+    sigma_rel: tuple[float, ...] = ()  # post-hoc EMA lengths scored at the final snapshot; () = off
 
 
 def load_study(path: str | os.PathLike) -> StudyConfig:
@@ -149,6 +152,16 @@ def check_study(study: StudyConfig, source: str | os.PathLike = "study") -> None
             f"{source}: memorisation {study.memorisation} must be >= 0 (0 = off), nn_rows {study.nn_rows} >= 1 "
             f"and nn_k {study.nn_k} >= 2"
         )
+    if study.sigma_rel:
+        from patchdiff.training.posthoc_ema import sigma_rel_to_gamma
+
+        for value in study.sigma_rel:
+            try:
+                sigma_rel_to_gamma(value)
+            except ValueError as error:
+                raise ValueError(f"{source}: sigma_rel: {error}") from None
+        if not study.metrics:
+            raise ValueError(f'{source}: sigma_rel needs "metrics" (fid or kid) to score each sigma_rel')
     if study.heldout_num < 1:
         raise ValueError(f"{source}: heldout_num {study.heldout_num} must be at least 1")
     if not Path(study.data).exists():

@@ -22,7 +22,7 @@ import copy
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from patchdiff.generation import build_denoiser
+from patchdiff.config import TrainConfig
+from patchdiff.generation import Model, build_denoiser, check_finite
+from patchdiff.latent import load_vae
 from patchdiff.training.checkpoint import read_snapshot, save_snapshot
 
 MAX_SIGMA_REL = 0.2997  # the widest power-function profile (gamma near -0.28)
@@ -154,12 +156,12 @@ def stored_profiles(run_dir: str | os.PathLike) -> list[tuple[Path, int, float, 
     return found
 
 
-def reconstruct(
-    run_dir: str | os.PathLike, sigma_rels: Sequence[float], dest: str | os.PathLike, step: int | None = None
-) -> list[Path]:
-    """Write, for each sigma_rel, the denoiser averaged with that power-function profile at the snapshot
-    `step` (default: the newest) as DEST/sigma-<sigma_rel>/snapshot-<step>.safetensors, from the profiles
-    stored up to that step. Returns the files written. Snapshots are read one at a time."""
+def reconstructed_states(
+    run_dir: str | os.PathLike, sigma_rels: Sequence[float], step: int | None = None
+) -> tuple[list[dict[str, torch.Tensor]], TrainConfig, dict, int]:
+    """The denoiser's state averaged with each sigma_rel's power-function profile at the snapshot `step`
+    (default: the newest), from the profiles stored up to that step: (states, config, info of the
+    newest stored profile, step). Buffers come from the newest profile. Snapshots are read one at a time."""
     gammas = [sigma_rel_to_gamma(s) for s in sigma_rels]  # checks them before any work
     profiles = stored_profiles(run_dir)
     steps = sorted({p[1] for p in profiles})
@@ -172,8 +174,7 @@ def reconstruct(
         [solve_weights([p[2] for p in profiles], [p[3] for p in profiles], t_r, g) for g in gammas]
     )  # [targets, stored]
     newest_state, cfg, info = read_snapshot(next(p[0] for p in profiles if p[1] == step))
-    denoiser = build_denoiser(cfg, pretrained=False)
-    buffers = {name for name, _ in denoiser.named_buffers()}
+    buffers = {name for name, _ in build_denoiser(cfg, pretrained=False).named_buffers()}
     sums: list[dict[str, torch.Tensor]] = [{} for _ in sigma_rels]
     for i, (path, *_) in enumerate(profiles):
         state = load_file(str(path))
@@ -182,15 +183,51 @@ def reconstruct(
                 if key not in buffers:
                     term = value.to(torch.float64) * float(weights[target, i])
                     acc[key] = acc[key] + term if key in acc else term
+    states = [{k: (acc[k].to(v.dtype) if k in acc else v) for k, v in newest_state.items()} for acc in sums]
+    return states, cfg, dict(info, images=t_r), step
+
+
+def reconstruct(
+    run_dir: str | os.PathLike, sigma_rels: Sequence[float], dest: str | os.PathLike, step: int | None = None
+) -> list[Path]:
+    """Write, for each sigma_rel, the denoiser averaged with that power-function profile at the snapshot
+    `step` (default: the newest) as DEST/sigma-<sigma_rel>/snapshot-<step>.safetensors, from the profiles
+    stored up to that step. Returns the files written."""
+    states, cfg, info, step = reconstructed_states(run_dir, sigma_rels, step)
+    t_r = info["images"]
+    denoiser = build_denoiser(cfg, pretrained=False)
     written = []
-    for sigma_rel, acc in zip(sigma_rels, sums, strict=True):
+    for sigma_rel, state in zip(sigma_rels, states, strict=True):
         out = Path(dest) / f"sigma-{sigma_rel:.3f}" / f"snapshot-{step:08d}.safetensors"
         out.parent.mkdir(parents=True, exist_ok=True)
-        denoiser.load_state_dict(
-            {k: (acc[k].to(v.dtype) if k in acc else v) for k, v in newest_state.items()}
-        )
+        denoiser.load_state_dict(state)
         save_snapshot(
             out, denoiser, cfg, step=step, kimg=info.get("kimg", t_r / 1000), images=t_r, sigma_rel=sigma_rel
         )
         written.append(out)
     return written
+
+
+def posthoc_models(
+    run_dir: str | os.PathLike,
+    sigma_rels: Sequence[float],
+    device: str | torch.device | None = None,
+    step: int | None = None,
+    vae: str | None = None,
+) -> Iterator[tuple[float, int, Model]]:
+    """(sigma_rel, step, Model) for each sigma_rel, reconstructed in memory and ready to sample like
+    patchdiff.generation.load's; one network on the device at a time."""
+    states, cfg, _, step = reconstructed_states(run_dir, sigma_rels, step)
+    device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if vae and not cfg.latent.vae:
+        raise ValueError(f"--vae {vae} given, but {run_dir} was trained on pixels and needs no VAE")
+    decoder = load_vae(vae, device) if vae else None
+    for sigma_rel, state in zip(sigma_rels, states, strict=True):
+        check_finite(state, f"{run_dir} (post-hoc EMA sigma_rel {sigma_rel:g})")
+        denoiser = build_denoiser(cfg, pretrained=False)
+        denoiser.load_state_dict(state)
+        yield (
+            float(sigma_rel),
+            step,
+            Model(denoiser.to(device).eval().requires_grad_(False), cfg, device, decoder),
+        )
