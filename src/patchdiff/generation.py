@@ -29,7 +29,7 @@ from patchdiff.networks import build_network
 from patchdiff.precond import Denoiser
 from patchdiff.precond_vp import VPDenoiser
 from patchdiff.sampling import SAMPLERS, DenoiserFn, guided_denoiser, resolve_sampler
-from patchdiff.training.checkpoint import newest_snapshot, read_snapshot
+from patchdiff.snapshot import newest_snapshot, read_snapshot
 
 
 def build_denoiser(cfg: TrainConfig, pretrained: bool = True) -> Denoiser | VPDenoiser:

@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from patchdiff.generation import build_denoiser
-from patchdiff.training.checkpoint import read_snapshot, save_snapshot
+from patchdiff.snapshot import read_snapshot, save_snapshot
 
 MAX_SIGMA_REL = 0.2997  # the widest power-function profile (gamma near -0.28)
 

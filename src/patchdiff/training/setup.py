@@ -17,13 +17,12 @@ from patchdiff.config import TrainConfig, from_json, to_dict
 from patchdiff.data import ImageDataset, open_dataset
 from patchdiff.data.latents import resolve_latent
 from patchdiff.patching import PatchSchedule, resolve_schedule
+from patchdiff.snapshot import newest_snapshot, read_snapshot
 from patchdiff.training.checkpoint import (
     StateError,
     check_state,
     find_resume_state,
     load_state,
-    newest_snapshot,
-    read_snapshot,
 )
 from patchdiff.training.lock import RunLock, RunLockedError
 from patchdiff.training.posthoc_ema import MAX_SIGMA_REL
