@@ -25,8 +25,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from patchdiff.config import TrainConfig, network_preset
+from patchdiff.denoisers import build_denoiser
 from patchdiff.files import atomic_write
-from patchdiff.generation import Model, build_denoiser, iter_images, load
+from patchdiff.generation import Model, iter_images, load
 from patchdiff.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, NETWORK_CALLS, resolve_sampler
 
 BASELINE = ("heun", 18)

@@ -7,8 +7,9 @@ import torch
 from tests.conftest import tiny_config
 
 from patchdiff.config import TrainConfig, to_json
+from patchdiff.denoisers import build_denoiser
 from patchdiff.files import atomic_write
-from patchdiff.generation import build_denoiser, load
+from patchdiff.generation import load
 from patchdiff.snapshot import newest_snapshot, read_snapshot, save_snapshot
 from patchdiff.training.checkpoint import (
     StateError,

@@ -60,7 +60,7 @@ def test_compiled_step_with_gradient_accumulation_on_one_process(landscapes):
     from tests.training.test_training_loop import cut_round
 
     from patchdiff.data import ImageDataset
-    from patchdiff.generation import build_denoiser
+    from patchdiff.denoisers import build_denoiser
     from patchdiff.training import loop
 
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ from tests.conftest import TINY_TRAIN_FLAGS, tiny_config
 from patchdiff.cli import main
 from patchdiff.config import PatchConfig
 from patchdiff.data import ImageDataset
-from patchdiff.generation import build_denoiser
+from patchdiff.denoisers import build_denoiser
 from patchdiff.loss import edm_loss
 from patchdiff.patching import crop_at
 from patchdiff.training import loop

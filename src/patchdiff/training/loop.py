@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from patchdiff import distributed as dist
 from patchdiff.config import TrainConfig, to_json
-from patchdiff.generation import build_denoiser
+from patchdiff.denoisers import build_denoiser
 from patchdiff.latent import prepare_batch
 from patchdiff.loss import edm_loss
 from patchdiff.networks import count_parameters

@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from patchdiff.generation import build_denoiser
+from patchdiff.denoisers import build_denoiser
 from patchdiff.snapshot import read_snapshot, save_snapshot
 
 MAX_SIGMA_REL = 0.2997  # the widest power-function profile (gamma near -0.28)
