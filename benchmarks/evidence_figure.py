@@ -22,7 +22,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from patchdiff.report.plots import atomic_write_bytes, png_bytes
+from patchdiff.files import atomic_write_bytes
+from patchdiff.report.plots import png_bytes
 from patchdiff.report.series import metric_series, read_stats
 
 

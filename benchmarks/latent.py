@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from patchdiff.config import LatentConfig, PatchConfig, TrainConfig, network_preset
-from patchdiff.generation import build_denoiser
+from patchdiff.denoisers import build_denoiser
 from patchdiff.latent import VAE, import_autoencoder
 from patchdiff.networks import count_parameters
 from patchdiff.patching import resolve_schedule

@@ -21,12 +21,13 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
 from patchdiff.config import TrainConfig, network_preset
-from patchdiff.generation import Model, build_denoiser, iter_images, load
+from patchdiff.denoisers import build_denoiser
+from patchdiff.files import atomic_write
+from patchdiff.generation import Model, iter_images, load
 from patchdiff.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, NETWORK_CALLS, resolve_sampler
 
 BASELINE = ("heun", 18)
@@ -161,10 +162,8 @@ def plot_rows(rows: list[Row], path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

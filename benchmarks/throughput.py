@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from patchdiff.config import PatchConfig, TrainConfig, network_preset
-from patchdiff.generation import build_denoiser
+from patchdiff.denoisers import build_denoiser
 from patchdiff.patching import PatchSchedule, crop_at, resolve_schedule
 from patchdiff.training.ema import ema_beta, update_ema
 from patchdiff.training.loop import train_step

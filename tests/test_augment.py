@@ -10,7 +10,8 @@ from tests.conftest import tiny_config
 from patchdiff import augment
 from patchdiff.cli import main
 from patchdiff.config import network_preset
-from patchdiff.generation import Model, build_denoiser, generate
+from patchdiff.denoisers import build_denoiser
+from patchdiff.generation import Model, generate
 from patchdiff.networks import build_network
 from patchdiff.training import loop
 from patchdiff.training.checkpoint import load_state

@@ -32,9 +32,9 @@ from tests.data.images import png_bytes, write_png
 from patchdiff.cli import main
 from patchdiff.data import convert
 from patchdiff.demo import make_landscapes, write_images
-from patchdiff.generation import build_denoiser
+from patchdiff.denoisers import build_denoiser
 from patchdiff.metrics.fid import reference_from_features, save_reference
-from patchdiff.training.checkpoint import newest_snapshot, save_snapshot
+from patchdiff.snapshot import newest_snapshot, save_snapshot
 
 # --------------------------------------------------------------------------- the shared inputs
 

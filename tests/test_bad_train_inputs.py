@@ -10,6 +10,7 @@ import pytest
 import torch
 from tests.conftest import TINY_TRAIN_FLAGS
 
+from patchdiff import snapshot
 from patchdiff.cli import main
 from patchdiff.training import checkpoint
 from patchdiff.training.lock import RunLock
@@ -164,7 +165,7 @@ def test_disk_full_while_writing_a_snapshot_is_one_line(landscapes, tmp_path, ca
     def disk_full(tensors, path, metadata=None):
         raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
 
-    monkeypatch.setattr(checkpoint, "save_file", disk_full)
+    monkeypatch.setattr(snapshot, "save_file", disk_full)
     outdir = tmp_path / "runs"
     code = main(train_args(landscapes, outdir, "--duration", "0.02", "--tick", "0.02"))
     _, err = capsys.readouterr()

@@ -17,7 +17,8 @@ from patchdiff.canvas import (
     tile_starts,
     tile_windows,
 )
-from patchdiff.generation import Model, build_denoiser, conditioned_denoiser, generate
+from patchdiff.denoisers import build_denoiser
+from patchdiff.generation import Model, conditioned_denoiser, generate
 from patchdiff.patching import coordinate_grid
 from patchdiff.sampling import SAMPLERS
 

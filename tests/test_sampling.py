@@ -6,7 +6,8 @@ import torch
 
 from patchdiff import edm_sampler, euler_sampler, guidance_combine, guided_denoiser, karras_sigmas
 from patchdiff.config import network_preset
-from patchdiff.generation import Model, build_denoiser, generate
+from patchdiff.denoisers import build_denoiser
+from patchdiff.generation import Model, generate
 from patchdiff.sampling import (
     DEFAULT_SAMPLER,
     DEFAULT_STEPS,

@@ -229,7 +229,7 @@ class TrainConfig:
     workers: int = 2
     cache: bool = True
     metrics: tuple[str, ...] = ()
-    metric_num: int = 1000
+    metric_num: int = 10_000  # generated images per metric evaluation (the --metric-num default)
     detector: str = ""  # FID detector file; empty = the cached/installed/downloaded default
     metric_ref: str = ""  # reference statistics (.npz); empty = computed from the data once per run
     grad_clip: float = 0.0  # 0 = no clipping

@@ -27,7 +27,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from patchdiff.config import LossConfig, TrainConfig
-from patchdiff.generation import build_denoiser
+from patchdiff.denoisers import build_denoiser
 from patchdiff.loss import edm_loss
 from patchdiff.patching import PatchSchedule, coordinate_grid, resolve_schedule
 

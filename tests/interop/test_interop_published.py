@@ -212,7 +212,7 @@ def test_generate_from_an_imported_snapshot(tmp_path, capsys):
 
 def test_fine_tune_an_imported_snapshot(tmp_path, landscapes, capsys):
     """`train --init-snapshot`: a new run with the imported network, starting from its weights."""
-    from patchdiff.training.checkpoint import newest_snapshot, read_snapshot
+    from patchdiff.snapshot import newest_snapshot, read_snapshot
 
     snap, conv = import_published(FIXTURES / "patch-ddpmpp-uncond.pkl", tmp_path / "imported")
     train = f"train --data {landscapes} --outdir {tmp_path / 'runs'} --init-snapshot {snap.parent}".split()

@@ -16,7 +16,8 @@ from tests.conftest import TINY_TRAIN_FLAGS
 from patchdiff import sampling
 from patchdiff.cli import main
 from patchdiff.config import TrainConfig, network_preset
-from patchdiff.generation import build_denoiser, load
+from patchdiff.denoisers import build_denoiser
+from patchdiff.generation import load
 from patchdiff.networks import DiffusersUNet, build_network
 from patchdiff.networks.diffusers_unet import resolve_unet
 from patchdiff.patching import coordinate_grid

@@ -127,7 +127,7 @@ def test_weights_stay_normalised_after_an_optimiser_step():
 def test_the_training_step_renormalises(tmp_path):
     """train_step calls renormalize_weights_ for an edm2 network after the optimiser step."""
     from patchdiff.config import PatchConfig, TrainConfig
-    from patchdiff.generation import build_denoiser
+    from patchdiff.denoisers import build_denoiser
     from patchdiff.training.loop import train_step
 
     torch.manual_seed(0)

@@ -7,17 +7,16 @@ import torch
 from tests.conftest import tiny_config
 
 from patchdiff.config import TrainConfig, to_json
-from patchdiff.generation import build_denoiser, load
+from patchdiff.denoisers import build_denoiser
+from patchdiff.files import atomic_write
+from patchdiff.generation import load
+from patchdiff.snapshot import newest_snapshot, read_snapshot, save_snapshot
 from patchdiff.training.checkpoint import (
     StateError,
-    atomic_write,
     check_state,
     find_resume_state,
     load_state,
-    newest_snapshot,
-    read_snapshot,
     remove_temporaries,
-    save_snapshot,
     save_state,
     settle_state,
     state_in,

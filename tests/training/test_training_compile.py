@@ -60,12 +60,13 @@ def test_compiled_step_with_gradient_accumulation_on_one_process(landscapes):
     from tests.training.test_training_loop import cut_round
 
     from patchdiff.data import ImageDataset
-    from patchdiff.generation import build_denoiser
+    from patchdiff.denoisers import build_denoiser
     from patchdiff.training import loop
+    from patchdiff.training.setup import resolve
 
     torch.manual_seed(0)
     dataset = ImageDataset(landscapes)
-    cfg = loop.resolve(tiny_config(str(landscapes), "unused", patch=PatchConfig(schedule="full")), dataset)
+    cfg = resolve(tiny_config(str(landscapes), "unused", patch=PatchConfig(schedule="full")), dataset)
     denoiser = build_denoiser(cfg)
     compiled = torch.compile(denoiser, backend="eager")  # dynamo's wrapper, without inductor's kernels
     optimizer = torch.optim.Adam(denoiser.parameters(), lr=cfg.lr)

@@ -13,12 +13,14 @@ from tests.conftest import TINY_TRAIN_FLAGS, tiny_config
 from patchdiff.cli import main
 from patchdiff.config import PatchConfig
 from patchdiff.data import ImageDataset
-from patchdiff.generation import build_denoiser
+from patchdiff.denoisers import build_denoiser
 from patchdiff.loss import edm_loss
 from patchdiff.patching import crop_at
 from patchdiff.training import loop
 from patchdiff.training import run as run_module
 from patchdiff.training.checkpoint import load_state
+from patchdiff.training.run import NonFiniteLossError
+from patchdiff.training.setup import resolve
 from patchdiff.training.stream import Crop
 
 
@@ -55,7 +57,7 @@ def test_run_directory_contents(tiny_run):
 def test_loss_goes_down_on_a_tiny_data_set(landscapes):
     torch.manual_seed(0)
     dataset = ImageDataset(landscapes)
-    cfg = loop.resolve(tiny_config(str(landscapes), "unused", lr=3e-3), dataset)
+    cfg = resolve(tiny_config(str(landscapes), "unused", lr=3e-3), dataset)
     denoiser = build_denoiser(cfg)
     optimizer = torch.optim.Adam(denoiser.parameters(), lr=cfg.lr)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -120,14 +122,12 @@ def test_non_finite_loss_stops_with_the_last_good_state_intact(landscapes, tmp_p
 
     monkeypatch.setattr(loop, "edm_loss", nan_loss)
     cfg = tiny_config(str(landscapes), str(tmp_path), duration_kimg=0.4, max_bad_steps=3)
-    with pytest.raises(
-        loop.NonFiniteLossError, match=f"non-finite.*the last good state is {run / 'state.pt'}"
-    ):
+    with pytest.raises(NonFiniteLossError, match=f"non-finite.*the last good state is {run / 'state.pt'}"):
         loop.train(cfg, resume="auto", progress=False, grid=0)
     assert (run / "state.pt").read_bytes() == before
     # A run that never wrote a state says so instead of naming a file that does not exist.
     fresh = tiny_config(str(landscapes), str(tmp_path / "fresh"), duration_kimg=0.4, max_bad_steps=3)
-    with pytest.raises(loop.NonFiniteLossError, match="no training state was written yet"):
+    with pytest.raises(NonFiniteLossError, match="no training state was written yet"):
         loop.train(fresh, progress=False, grid=0)
 
 
@@ -150,7 +150,7 @@ def test_gradient_accumulation_matches_one_big_batch(landscapes, monkeypatch):
 
     monkeypatch.setattr(loop, "edm_loss", deterministic_loss)
     dataset = ImageDataset(landscapes)
-    cfg = loop.resolve(tiny_config(str(landscapes), "unused"), dataset)
+    cfg = resolve(tiny_config(str(landscapes), "unused"), dataset)
     images = torch.stack([dataset[i][0] for i in range(8)])
     labels = torch.zeros(8, dtype=torch.long)
     grads = []
@@ -178,7 +178,7 @@ def test_the_step_takes_crops_and_builds_their_coordinates(landscapes, monkeypat
 
     monkeypatch.setattr(loop, "edm_loss", recording_loss)
     dataset = ImageDataset(landscapes)
-    cfg = loop.resolve(tiny_config(str(landscapes), "unused"), dataset)
+    cfg = resolve(tiny_config(str(landscapes), "unused"), dataset)
     images, labels = torch.stack([dataset[i][0] for i in range(6)]), torch.zeros(6, dtype=torch.long)
     denoiser = build_denoiser(cfg)
     optimizer = torch.optim.SGD(denoiser.parameters(), lr=0.0)

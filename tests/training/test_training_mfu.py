@@ -5,7 +5,7 @@ import pytest
 import torch
 from tests.conftest import tiny_config
 
-from patchdiff.generation import build_denoiser
+from patchdiff.denoisers import build_denoiser
 from patchdiff.patching import resolve_schedule
 from patchdiff.training.mfu import achieved, flops_by_crop, peak_for_name, peak_tflops
 

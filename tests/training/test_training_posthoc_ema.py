@@ -235,7 +235,7 @@ def test_lr_schedule_and_cli_defaults(landscapes, tmp_path):
 
 def test_learned_weighting_with_another_backbone(landscapes, tmp_path):
     """DDPM++ with the learned weighting: u(sigma) trains, and its loss is lambda*err/exp(u) + u."""
-    from patchdiff.generation import build_denoiser
+    from patchdiff.denoisers import build_denoiser
     from patchdiff.loss import edm_loss
 
     cfg = tiny_config(str(landscapes), str(tmp_path), loss=LossConfig(weighting="learned"))

@@ -269,7 +269,7 @@ def run_sweep(
 
 
 def _write_json(path: str, record: dict) -> None:
-    from patchdiff.training.checkpoint import atomic_write_text
+    from patchdiff.files import atomic_write_text
 
     atomic_write_text(path, json.dumps(record, indent=2))
 

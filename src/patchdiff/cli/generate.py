@@ -14,11 +14,11 @@ from PIL import Image
 from patchdiff import distributed as dist
 from patchdiff.canvas import Canvas, centred_canvas, region_canvas
 from patchdiff.cli.checks import writable_dir, writable_file
+from patchdiff.files import atomic_write
 from patchdiff.generation import check_sampling_args, image_grid, iter_images, load, parse_seeds, to_pil
 from patchdiff.inpaint import Known
 from patchdiff.presets import SAMPLER_PRESETS, add_preset_flag
 from patchdiff.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, NETWORK_CALLS, SAMPLERS, resolve_sampler
-from patchdiff.training.checkpoint import atomic_write
 
 
 def add_sampler_flags(p: argparse.ArgumentParser, batch_and_device: bool = True) -> None:

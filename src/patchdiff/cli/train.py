@@ -277,7 +277,12 @@ def add_parser(subparsers) -> None:
         "--grid", type=int, default=64, help="images in the sample grid at each snapshot (0 = none)"
     )
     g.add_argument("--metrics", default="", help="metrics at snapshots, e.g. fid,kid")
-    g.add_argument("--metric-num", type=int, default=10_000, help="generated images per metric evaluation")
+    g.add_argument(
+        "--metric-num",
+        type=int,
+        default=TrainConfig.metric_num,
+        help="generated images per metric evaluation",
+    )
     g.add_argument(
         "--detector", default="", help="FID detector file (default: cached, installed or downloaded)"
     )

@@ -35,7 +35,7 @@ def training_images(cfg: TrainConfig) -> torch.Tensor:
 
 def snapshots(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """(step, path) of every snapshot of a run, in step order."""
-    from patchdiff.training.checkpoint import SNAPSHOT_RE
+    from patchdiff.snapshot import SNAPSHOT_RE
 
     found = [(int(m.group(1)), p) for p in Path(run_dir).iterdir() if (m := SNAPSHOT_RE.match(p.name))]
     return sorted(found)
@@ -58,9 +58,9 @@ def memorisation_along_training(
     """One record per snapshot of a finished configuration: step, kimg, epochs (passes over its training
     images), the memorised share of `num` samples, and the share's samples' median d1/d2. Cached in
     run_out/memorisation.json; with grid_path, the last snapshot's nearest-neighbour grid (PNG)."""
+    from patchdiff.files import atomic_write, atomic_write_text
     from patchdiff.generation import generate, image_grid, load, to_pil
     from patchdiff.metrics.memorisation import memorised, nearest
-    from patchdiff.training.checkpoint import atomic_write, atomic_write_text
 
     cache_path = run_out / MEMORISATION_FILE
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}

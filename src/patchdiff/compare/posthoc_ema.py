@@ -20,8 +20,8 @@ def ensure_sigma_rel_sweeps(results: dict[str, dict], study, outdir: str | os.Pa
     """Add SWEEP_KEY ({sigma_rels, step, rows, best, num}) to every finished configuration with stored
     profiles that lacks it for the study's sigma_rels; the result files are rewritten atomically.
     Scored like training's metrics: study.metrics on study.metric_num samples from seeds 0, 1, ..."""
+    from patchdiff.files import atomic_write_text
     from patchdiff.metrics import best_sigma_rel, sweep_sigma_rel
-    from patchdiff.training.checkpoint import atomic_write_text
 
     wanted = [float(s) for s in study.sigma_rel]
     updated = dict(results)

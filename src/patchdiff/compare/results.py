@@ -13,7 +13,8 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from patchdiff.compare.posthoc_ema import sigma_rel_table
-from patchdiff.report.plots import _log_y, _time_unit, atomic_write_bytes, png_bytes
+from patchdiff.files import atomic_write_bytes
+from patchdiff.report.plots import _log_y, _time_unit, png_bytes
 from patchdiff.report.series import as_float, last_metrics, latest_grid, metric_series, read_stats
 
 

@@ -68,8 +68,8 @@ def ensure_sigma_losses(
 ) -> dict[str, dict]:
     """Add "sigma_loss" ({sigmas, loss}) to every finished configuration's result that lacks it, scoring
     its newest snapshot on the held-out images; the result files are rewritten atomically."""
+    from patchdiff.files import atomic_write_text
     from patchdiff.generation import load
-    from patchdiff.training.checkpoint import atomic_write_text
 
     missing = [name for name, r in results.items() if r.get("sigma_loss", {}).get("sigmas") != list(sigmas)]
     if not missing:

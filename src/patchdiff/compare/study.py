@@ -33,13 +33,13 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from patchdiff.config import TrainConfig, from_dict
+from patchdiff.files import atomic_write_text
 from patchdiff.flops import crop_phase_flops_per_image, fixed_kimg_for_budget, kimg_for_budget, training_flops
 from patchdiff.training.checkpoint import state_in
 
@@ -229,17 +229,6 @@ def plan_study(study: StudyConfig, outdir: Path) -> dict[str, dict]:
             entry["kimg"] = kimg_for_budget(budget, entry["flops_per_image"])
     atomic_write_text(plan_path, json.dumps(plan, indent=2))
     return {run.name: plan[run.name] for run in study.configs}
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def run_dir_of(run_out: Path) -> Path | None:

@@ -32,6 +32,7 @@ from patchdiff.config import LatentConfig, TrainConfig
 from patchdiff.data.convert import fit_image
 from patchdiff.data.dataset import ImageDataset
 from patchdiff.data.sources import LABELS_FILE, open_source
+from patchdiff.files import atomic_write
 
 FORMAT = "patchdiff-latents"
 PARTIAL = ".partial"
@@ -195,10 +196,13 @@ class LatentSummary:
 
 
 def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+    """atomic_write with write(f) given the open binary file (np.save appends .npy to a bare name)."""
+
+    def to_file(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            write(f)
+
+    atomic_write(path, to_file)
 
 
 def _to_rgb(image: np.ndarray) -> np.ndarray:
@@ -373,7 +377,6 @@ def _finish_meta(records: list[dict], vae: Any, num_classes: int) -> dict[str, A
 def write_preview(dataset: LatentDataset, vae: Any, path: Path, num: int) -> None:
     """The posterior means of the first `num` images decoded back, in a row."""
     from patchdiff.generation import image_grid, to_pil, to_uint8
-    from patchdiff.training.checkpoint import atomic_write
 
     means = torch.stack([dataset[i][0][0] for i in range(min(num, len(dataset)))]).float()
     images = to_uint8(vae.decode(means)).cpu()

@@ -41,8 +41,8 @@ def import_published(
 ) -> tuple[Path, Converted]:
     """Read `source` without running it, convert it and write `dest` (a .safetensors file, or a folder
     that gets snapshot-000000.safetensors). Nothing is written unless the conversion succeeds."""
-    from patchdiff.generation import build_denoiser  # light module import for `patchdiff --help`
-    from patchdiff.training.checkpoint import save_snapshot
+    from patchdiff.denoisers import build_denoiser  # light module import for `patchdiff --help`
+    from patchdiff.snapshot import save_snapshot
 
     dest = Path(dest)
     path = dest if dest.suffix == ".safetensors" else dest / "snapshot-000000.safetensors"

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import tempfile
 import urllib.request
 import warnings
 from pathlib import Path
@@ -25,6 +24,8 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+from patchdiff.files import atomic_write
 
 Convention = Literal["nvidia", "tf299"]
 CONVENTIONS = ("auto", "nvidia", "tf299")
@@ -68,19 +69,17 @@ def sha256_of(path: Path) -> str:
 
 
 def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 60.0) -> Path:
-    """Fetch url to dest atomically (temp file in the same folder, then rename), checking sha256 if given."""
+    """Fetch url to dest atomically, checking sha256 if given (a mismatch leaves no file)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
+
+    def fetch(tmp: str) -> None:
+        with open(tmp, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
             for block in iter(lambda: response.read(1 << 20), b""):
                 f.write(block)
         if sha256 is not None and (actual := sha256_of(Path(tmp))) != sha256.lower():
             raise ValueError(f"checksum mismatch for {url}: sha256 {actual}, expected {sha256}")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    atomic_write(dest, fetch)
     return dest
 
 

@@ -76,7 +76,7 @@ def generated_features(
     detector: Detector,
     seeds: Sequence[int],
     batch: int = 64,
-    num_steps: int | None = 18,
+    num_steps: int | None = None,
     class_label: int | None = None,
     cfg_scale: float = 1.0,
     progress: bool = False,
@@ -84,8 +84,9 @@ def generated_features(
     **churn: float,
 ) -> torch.Tensor:
     """Features [len(seeds), D] (float32, CPU) of images generated from `seeds` (one per image), never
-    written to disk. `model` is what `patchdiff.generation.load` returns; `churn`: the stochastic
-    sampler's S_churn, S_min, S_max, S_noise (generation.iter_images)."""
+        written to disk. `model` is what `patchdiff.generation.load` returns; sampler/num_steps None: the
+    sampling defaults (patchdiff.sampling.resolve_sampler); `churn`: the stochastic
+        sampler's S_churn, S_min, S_max, S_noise (generation.iter_images)."""
     from patchdiff.generation import iter_images  # the sampler front end; imported late to keep this light
 
     total = len(seeds)

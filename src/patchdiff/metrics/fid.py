@@ -12,7 +12,6 @@ subset of the reference features, which KID needs.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from patchdiff import distributed
+from patchdiff.files import atomic_write
 from patchdiff.metrics.detector import Detector, load_detector
 from patchdiff.metrics.features import generated_features
 from patchdiff.metrics.kid import kernel_inception_distance
@@ -110,20 +110,18 @@ def reference_from_features(features: ArrayLike, kid_features: int = 5000, seed:
 
 
 def save_reference(ref: Reference, path: str | os.PathLike) -> None:
-    """Write ref as .npz atomically (temp file in the same folder, then rename)."""
+    """Write ref as .npz atomically."""
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"mu": ref.mu.astype(np.float64), "sigma": ref.sigma.astype(np.float64)}
     if ref.features is not None:
         arrays["features"] = ref.features
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(dest, lambda tmp: _savez(tmp, arrays))
+
+
+def _savez(path: str, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as f:  # a file object: given a name, numpy would append ".npz" to it
+        np.savez(f, **arrays)
 
 
 def load_reference(path: str | os.PathLike) -> Reference:

@@ -1,5 +1,7 @@
-"""The denoiser backbones: DDPM++ and NCSN++ (Song et al. 2021) and ADM (Dhariwal & Nichol 2021), all as
-configured by EDM, and the magnitude-preserving U-Net of EDM2 (Karras et al. 2024). Every backbone is called as
+"""The denoiser backbones, by --arch: ddpmpp and ncsnpp (DDPM++ and NCSN++, Song et al. 2021) and adm
+(ADM, Dhariwal & Nichol 2021), all as configured by EDM; dit (DiT, Peebles & Xie 2023); diffusers-unet
+(a diffusers UNet2DModel, new or pretrained); edm2 (EDM2's magnitude-preserving U-Net, Karras et al.
+2024). Every backbone is called as
 
     y = net(x, noise_labels, class_labels=None)
     # x: [N, img_channels + coord_channels, H, W], H and W multiples of cfg.min_crop

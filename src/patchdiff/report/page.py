@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from patchdiff.files import atomic_write_bytes
 from patchdiff.report.plots import (
-    atomic_write_bytes,
     draw_crop_mix,
     draw_grid,
     draw_loss,

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from patchdiff.training.checkpoint import SNAPSHOT_RE
+from patchdiff.snapshot import SNAPSHOT_RE
 
 Record = dict[str, Any]
 

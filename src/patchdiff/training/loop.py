@@ -21,17 +21,17 @@ from torch.nn.parallel import DistributedDataParallel
 
 from patchdiff import distributed as dist
 from patchdiff.config import TrainConfig, to_json
-from patchdiff.generation import build_denoiser
+from patchdiff.denoisers import build_denoiser
 from patchdiff.latent import prepare_batch
 from patchdiff.loss import edm_loss
 from patchdiff.networks import count_parameters
 from patchdiff.networks.edm2 import renormalize_weights_
 from patchdiff.patching import crop_coords
-from patchdiff.training.run import NonFiniteLossError, Run
-from patchdiff.training.setup import RUN_CONTROL, batch_split, make_plan, prepare, resolve
+from patchdiff.training.run import Run
+from patchdiff.training.setup import prepare
 from patchdiff.training.signals import StopRequests
 
-__all__ = ["RUN_CONTROL", "NonFiniteLossError", "batch_split", "make_plan", "resolve", "train", "train_step"]
+__all__ = ["train", "train_step"]
 
 
 def autocast(device: torch.device, precision: str):

@@ -32,9 +32,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from patchdiff.config import TrainConfig
-from patchdiff.generation import Model, build_denoiser, check_finite
+from patchdiff.denoisers import build_denoiser
+from patchdiff.generation import Model, check_finite
 from patchdiff.latent import load_vae
-from patchdiff.training.checkpoint import read_snapshot, save_snapshot
+from patchdiff.snapshot import read_snapshot, save_snapshot
 
 MAX_SIGMA_REL = 0.2997  # the widest power-function profile (gamma near -0.28)
 

@@ -23,14 +23,15 @@ from tqdm import tqdm
 from patchdiff import distributed as dist
 from patchdiff.config import to_json
 from patchdiff.data import ImageDataset
-from patchdiff.generation import Model, build_denoiser, generate, image_grid, to_pil
+from patchdiff.denoisers import build_denoiser
+from patchdiff.files import atomic_write
+from patchdiff.generation import Model, generate, image_grid, to_pil
 from patchdiff.networks import count_parameters
+from patchdiff.snapshot import save_snapshot
 from patchdiff.training.checkpoint import (
     STATE_NAME,
     StateError,
-    atomic_write,
     remove_temporaries,
-    save_snapshot,
     save_state,
     settle_state,
     state_in,

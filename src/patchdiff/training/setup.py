@@ -13,17 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from patchdiff import distributed as dist
-from patchdiff.config import TrainConfig, from_json, to_dict
+from patchdiff.config import TrainConfig, from_json
 from patchdiff.data import ImageDataset, open_dataset
 from patchdiff.data.latents import resolve_latent
 from patchdiff.patching import PatchSchedule, resolve_schedule
+from patchdiff.snapshot import newest_snapshot, read_snapshot
 from patchdiff.training.checkpoint import (
     StateError,
     check_state,
     find_resume_state,
     load_state,
-    newest_snapshot,
-    read_snapshot,
 )
 from patchdiff.training.lock import RunLock, RunLockedError
 from patchdiff.training.posthoc_ema import MAX_SIGMA_REL
@@ -131,18 +130,6 @@ def merge_resumed(saved: TrainConfig, given: TrainConfig, overrides) -> tuple[Tr
         cfg = _set(cfg, path, new)
         changes.append(f"{path}: {old!r} -> {new!r}")
     return cfg, changes
-
-
-def field_paths(cfg: TrainConfig) -> set[str]:
-    """Every setting of a config as a field path ("lr", "network.dropout", ...)."""
-
-    def walk(d: dict, prefix: str) -> set[str]:
-        out = set()
-        for k, v in d.items():
-            out |= walk(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k}
-        return out
-
-    return walk(to_dict(cfg), "")
 
 
 def resolve(cfg: TrainConfig, dataset: ImageDataset) -> TrainConfig:

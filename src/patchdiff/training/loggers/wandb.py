@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from patchdiff.training.checkpoint import atomic_write
+from patchdiff.files import atomic_write
 
 ID_FILE = "wandb-id.txt"
 
