@@ -10,8 +10,8 @@ from tests.training.test_training_posthoc_ema import edm2_config
 from patchdiff.cli import main
 from patchdiff.compare import load_study, write_results
 from patchdiff.compare.posthoc_ema import SWEEP_KEY, ensure_sigma_rel_sweeps, sigma_rel_table
-from patchdiff.metrics import sweep_sigma_rel
 from patchdiff.training import loop
+from patchdiff.training.posthoc_ema import sweep_sigma_rel
 
 
 def test_sweep_scores_configurations_with_profiles_and_reports_the_best(

@@ -273,7 +273,7 @@ def test_bad_posthoc_flags_are_refused_before_anything_is_written(landscapes, tm
 def test_fid_calc_sweeps_sigma_rel_in_memory(landscapes, tiny_detector, tiny_run, tmp_path, capsys):
     """`fid calc --sigma-rel` scores each reconstructed profile on the same seeds: the same numbers as
     scoring the snapshot `patchdiff ema` writes, one line each with the best marked, and a JSON file."""
-    from patchdiff.metrics import best_sigma_rel, sweep_sigma_rel
+    from patchdiff.training.posthoc_ema import best_sigma_rel, sweep_sigma_rel
 
     run = loop.train(edm2_config(landscapes, tmp_path / "runs", duration_kimg=0.2), progress=False, grid=0)
     det = ["--detector", tiny_detector, "--batch", "4", "--workers", "0", "--no-progress", "--device", "cpu"]

@@ -25,7 +25,6 @@ from patchdiff.cli.train import float_list
 from patchdiff.metrics.detector import CONVENTIONS, Detector, load_detector
 from patchdiff.metrics.features import dataset_features, generated_features
 from patchdiff.metrics.fid import (
-    best_sigma_rel,
     check_features,
     check_reference,
     load_reference,
@@ -33,7 +32,6 @@ from patchdiff.metrics.fid import (
     reference_from_features,
     save_reference,
     score_features,
-    sweep_sigma_rel,
 )
 from patchdiff.presets import SAMPLER_PRESETS, add_preset_flag
 
@@ -235,6 +233,8 @@ def run_sweep(
     """One line per sigma_rel, the best marked; all scored on the same seeds."""
     kw = sampler_kwargs(args)
     start = time.perf_counter()
+    from patchdiff.training.posthoc_ema import best_sigma_rel, sweep_sigma_rel  # training code: only here
+
     rows = sweep_sigma_rel(
         names,
         args.model,

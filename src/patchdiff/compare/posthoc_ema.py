@@ -21,7 +21,7 @@ def ensure_sigma_rel_sweeps(results: dict[str, dict], study, outdir: str | os.Pa
     profiles that lacks it for the study's sigma_rels; the result files are rewritten atomically.
     Scored like training's metrics: study.metrics on study.metric_num samples from seeds 0, 1, ..."""
     from patchdiff.files import atomic_write_text
-    from patchdiff.metrics import best_sigma_rel, sweep_sigma_rel
+    from patchdiff.training.posthoc_ema import best_sigma_rel, sweep_sigma_rel
 
     wanted = [float(s) for s in study.sigma_rel]
     updated = dict(results)

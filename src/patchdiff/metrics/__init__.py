@@ -5,7 +5,6 @@ from patchdiff.metrics.features import dataset_features, gather_in_order, genera
 from patchdiff.metrics.fid import (
     METRICS,
     Reference,
-    best_sigma_rel,
     compute_metrics,
     feature_statistics,
     frechet_distance,
@@ -14,7 +13,6 @@ from patchdiff.metrics.fid import (
     reference_from_features,
     save_reference,
     score_features,
-    sweep_sigma_rel,
 )
 from patchdiff.metrics.kid import kernel_inception_distance
 
@@ -22,7 +20,6 @@ __all__ = [
     "METRICS",
     "Detector",
     "Reference",
-    "best_sigma_rel",
     "compute_metrics",
     "dataset_features",
     "feature_statistics",
@@ -36,6 +33,5 @@ __all__ = [
     "reference_from_features",
     "save_reference",
     "score_features",
-    "sweep_sigma_rel",
     "tf_bilinear_resize",
 ]

@@ -229,7 +229,7 @@ def score_features(
     return results
 
 
-def _score_on_main(
+def score_on_main(
     names: Sequence[str], features: torch.Tensor, ref: Reference, seed: int
 ) -> dict[str, float]:
     """Every rank holds all features; rank 0 does the (CPU-heavy) scoring and shares the numbers."""
@@ -277,57 +277,4 @@ def compute_metrics(
         cfg_scale=cfg_scale,
         progress=progress,
     )
-    return _score_on_main(names, features, reference, seed)
-
-
-def sweep_sigma_rel(
-    names: Sequence[str],
-    run_dir: str | os.PathLike,
-    sigma_rels: Sequence[float],
-    ref: str | Reference,
-    num: int,
-    detector: str | Detector | None,
-    batch: int,
-    seed: int = 0,
-    progress: bool = False,
-    *,
-    step: int | None = None,  # the snapshot to reconstruct at (default: the newest)
-    device: str | torch.device | None = None,
-    vae: str | None = None,
-    **sampling: Any,  # generated_features' num_steps, class_label, cfg_scale, sampler, S_churn, ...
-) -> list[dict[str, float]]:
-    """Score the post-hoc EMA of each sigma_rel (EDM2, Sec. 3.2), reconstructed in memory from the
-    profiles a run stored, on the same seeds: [{"sigma_rel", "step", "fid", ...}, ...] in the order given.
-    Same result on every rank."""
-    from patchdiff.training.posthoc_ema import posthoc_models  # late: only this path needs training code
-
-    sampling.setdefault("num_steps", None)  # None: the default sampler's steps, as in compute_metrics
-
-    names = parse_metric_names(names)
-    reference = ref if isinstance(ref, Reference) else load_reference(ref)
-    check_reference(names, reference)
-    if num < 2:
-        raise ValueError(f"metrics need at least 2 generated images; got num={num}")
-    device = torch.device(device) if device is not None else distributed.default_device()
-    if not isinstance(detector, Detector):
-        detector = load_detector(detector or None, device)
-    rows = []
-    for sigma_rel, at_step, model in posthoc_models(run_dir, sigma_rels, device, step, vae):
-        if not rows and sampling["num_steps"] is not None:  # refuse bad settings before the first sample
-            from patchdiff.generation import check_sampling_args
-
-            label, scale = sampling.get("class_label"), sampling.get("cfg_scale", 1.0)
-            check_sampling_args(model, range(seed, seed + num), batch, sampling["num_steps"], label, scale)
-        features = generated_features(
-            model, detector, range(seed, seed + num), batch=batch, progress=progress, **sampling
-        )
-        rows.append(
-            {"sigma_rel": sigma_rel, "step": at_step, **_score_on_main(names, features, reference, seed)}
-        )
-    return rows
-
-
-def best_sigma_rel(rows: Sequence[dict[str, float]]) -> dict[str, float]:
-    """The row of the lowest FID (of the lowest KID when FID was not computed)."""
-    key = "fid" if "fid" in rows[0] else "kid"
-    return min(rows, key=lambda row: row[key])
+    return score_on_main(names, features, reference, seed)

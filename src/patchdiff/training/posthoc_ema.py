@@ -24,6 +24,7 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,10 +32,20 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from patchdiff import distributed
 from patchdiff.config import TrainConfig
 from patchdiff.denoisers import build_denoiser
-from patchdiff.generation import Model, check_finite
+from patchdiff.generation import Model, check_finite, check_sampling_args
 from patchdiff.latent import load_vae
+from patchdiff.metrics.detector import Detector, load_detector
+from patchdiff.metrics.features import generated_features
+from patchdiff.metrics.fid import (
+    Reference,
+    check_reference,
+    load_reference,
+    parse_metric_names,
+    score_on_main,
+)
 from patchdiff.snapshot import read_snapshot, save_snapshot
 
 MAX_SIGMA_REL = 0.2997  # the widest power-function profile (gamma near -0.28)
@@ -232,3 +243,52 @@ def posthoc_models(
             step,
             Model(denoiser.to(device).eval().requires_grad_(False), cfg, device, decoder),
         )
+
+
+def sweep_sigma_rel(
+    names: Sequence[str],
+    run_dir: str | os.PathLike,
+    sigma_rels: Sequence[float],
+    ref: str | Reference,
+    num: int,
+    detector: str | Detector | None,
+    batch: int,
+    seed: int = 0,
+    progress: bool = False,
+    *,
+    step: int | None = None,  # the snapshot to reconstruct at (default: the newest)
+    device: str | torch.device | None = None,
+    vae: str | None = None,
+    **sampling: Any,  # generated_features' num_steps, class_label, cfg_scale, sampler, S_churn, ...
+) -> list[dict[str, float]]:
+    """Score the post-hoc EMA of each sigma_rel (EDM2, Sec. 3.2), reconstructed in memory from the
+    profiles a run stored, on the same seeds: [{"sigma_rel", "step", "fid", ...}, ...] in the order given.
+    Same result on every rank."""
+    sampling.setdefault("num_steps", None)  # None: the default sampler's steps, as in compute_metrics
+
+    names = parse_metric_names(names)
+    reference = ref if isinstance(ref, Reference) else load_reference(ref)
+    check_reference(names, reference)
+    if num < 2:
+        raise ValueError(f"metrics need at least 2 generated images; got num={num}")
+    device = torch.device(device) if device is not None else distributed.default_device()
+    if not isinstance(detector, Detector):
+        detector = load_detector(detector or None, device)
+    rows = []
+    for sigma_rel, at_step, model in posthoc_models(run_dir, sigma_rels, device, step, vae):
+        if not rows and sampling["num_steps"] is not None:  # refuse bad settings before the first sample
+            label, scale = sampling.get("class_label"), sampling.get("cfg_scale", 1.0)
+            check_sampling_args(model, range(seed, seed + num), batch, sampling["num_steps"], label, scale)
+        features = generated_features(
+            model, detector, range(seed, seed + num), batch=batch, progress=progress, **sampling
+        )
+        rows.append(
+            {"sigma_rel": sigma_rel, "step": at_step, **score_on_main(names, features, reference, seed)}
+        )
+    return rows
+
+
+def best_sigma_rel(rows: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The row of the lowest FID (of the lowest KID when FID was not computed)."""
+    key = "fid" if "fid" in rows[0] else "kid"
+    return min(rows, key=lambda row: row[key])
