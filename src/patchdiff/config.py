@@ -1,7 +1,7 @@
 """Typed, frozen configuration: one dataclass per concern, presets, and JSON round trips.
 
 The resolved configuration is written as JSON into every run directory and every snapshot, so a
-snapshot alone is enough to rebuild its network (see training/checkpoint.py).
+snapshot alone is enough to rebuild its network (see snapshot.py).
 """
 
 from __future__ import annotations
