@@ -33,15 +33,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from patchdiff.training.posthoc_ema import reconstruct, sigma_rel_to_gamma
+    from patchdiff.training.posthoc_ema import check_sigma_rels, reconstruct
 
-    if not args.sigma_rel:
-        raise ValueError("--sigma-rel needs at least one value, e.g. 0.05,0.1")
-    for s in args.sigma_rel:
-        try:
-            sigma_rel_to_gamma(s)
-        except ValueError as error:
-            raise ValueError(f"--sigma-rel: {error}") from None
+    check_sigma_rels(args.sigma_rel)
     writable_dir(Path(args.dest), "--dest")
     for path in reconstruct(args.run_dir, args.sigma_rel, args.dest, step=args.step):
         print(path)

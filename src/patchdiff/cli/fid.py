@@ -213,17 +213,11 @@ def run_calc(args: argparse.Namespace, device: torch.device) -> int:
 
 
 def _check_sweep(args: argparse.Namespace) -> None:
-    from patchdiff.training.posthoc_ema import sigma_rel_to_gamma, stored_profiles
+    from patchdiff.training.posthoc_ema import check_sigma_rels, stored_profiles
 
     if args.model is None or not Path(args.model).is_dir():
         raise ValueError("--sigma-rel needs --model RUN_DIR: a run folder with post-hoc EMA profiles")
-    if not args.sigma_rel:
-        raise ValueError("--sigma-rel needs at least one value, e.g. 0.05,0.1")
-    for s in args.sigma_rel:
-        try:
-            sigma_rel_to_gamma(s)
-        except ValueError as error:
-            raise ValueError(f"--sigma-rel: {error}") from None
+    check_sigma_rels(args.sigma_rel)
     stored_profiles(args.model)  # a run without profiles: one line saying to train with --posthoc-ema
 
 

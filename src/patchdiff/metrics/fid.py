@@ -238,6 +238,26 @@ def score_on_main(
     return distributed.broadcast_object(results)
 
 
+def scoring_setup(
+    names: Sequence[str],
+    ref: str | Reference,
+    num: int,
+    detector: str | Detector | None,
+    device: str | torch.device | None,
+) -> tuple[list[str], Reference, torch.device, Detector]:
+    """Checked metric names, the loaded reference, the device and the detector for scoring `num`
+    generated images: every check before the first sample."""
+    names = parse_metric_names(names)
+    reference = ref if isinstance(ref, Reference) else load_reference(ref)
+    check_reference(names, reference)
+    if num < 2:
+        raise ValueError(f"metrics need at least 2 generated images; got num={num}")
+    device = torch.device(device) if device is not None else distributed.default_device()
+    if not isinstance(detector, Detector):
+        detector = load_detector(detector or None, device)
+    return names, reference, device, detector
+
+
 def compute_metrics(
     names: Sequence[str],
     model: Any,
@@ -255,14 +275,7 @@ def compute_metrics(
 ) -> dict[str, float]:
     """Generate `num` images from seeds seed, seed + 1, ... with `model` (a run dir / snapshot path or
     what patchdiff.generation.load returns) and score them against `ref`. Same result on every rank."""
-    names = parse_metric_names(names)
-    reference = ref if isinstance(ref, Reference) else load_reference(ref)
-    check_reference(names, reference)
-    if num < 2:
-        raise ValueError(f"metrics need at least 2 generated images; got num={num}")
-    device = torch.device(device) if device is not None else distributed.default_device()
-    if not isinstance(detector, Detector):
-        detector = load_detector(detector or None, device)
+    names, reference, device, detector = scoring_setup(names, ref, num, detector, device)
     if isinstance(model, (str, os.PathLike)):
         from patchdiff.generation import load  # imported late: only this path needs the generator
 

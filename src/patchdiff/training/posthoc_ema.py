@@ -32,20 +32,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from patchdiff import distributed
 from patchdiff.config import TrainConfig
 from patchdiff.denoisers import build_denoiser
 from patchdiff.generation import Model, check_finite, check_sampling_args
 from patchdiff.latent import load_vae
-from patchdiff.metrics.detector import Detector, load_detector
+from patchdiff.metrics.detector import Detector
 from patchdiff.metrics.features import generated_features
-from patchdiff.metrics.fid import (
-    Reference,
-    check_reference,
-    load_reference,
-    parse_metric_names,
-    score_on_main,
-)
+from patchdiff.metrics.fid import Reference, score_on_main, scoring_setup
 from patchdiff.snapshot import read_snapshot, save_snapshot
 
 MAX_SIGMA_REL = 0.2997  # the widest power-function profile (gamma near -0.28)
@@ -266,14 +259,7 @@ def sweep_sigma_rel(
     Same result on every rank."""
     sampling.setdefault("num_steps", None)  # None: the default sampler's steps, as in compute_metrics
 
-    names = parse_metric_names(names)
-    reference = ref if isinstance(ref, Reference) else load_reference(ref)
-    check_reference(names, reference)
-    if num < 2:
-        raise ValueError(f"metrics need at least 2 generated images; got num={num}")
-    device = torch.device(device) if device is not None else distributed.default_device()
-    if not isinstance(detector, Detector):
-        detector = load_detector(detector or None, device)
+    names, reference, device, detector = scoring_setup(names, ref, num, detector, device)
     rows = []
     for sigma_rel, at_step, model in posthoc_models(run_dir, sigma_rels, device, step, vae):
         if not rows and sampling["num_steps"] is not None:  # refuse bad settings before the first sample
@@ -292,3 +278,14 @@ def best_sigma_rel(rows: Sequence[dict[str, float]]) -> dict[str, float]:
     """The row of the lowest FID (of the lowest KID when FID was not computed)."""
     key = "fid" if "fid" in rows[0] else "kid"
     return min(rows, key=lambda row: row[key])
+
+
+def check_sigma_rels(values: Sequence[float]) -> None:
+    """--sigma-rel: at least one value, each a sigma_rel a power-function profile can have."""
+    if not values:
+        raise ValueError("--sigma-rel needs at least one value, e.g. 0.05,0.1")
+    for s in values:
+        try:
+            sigma_rel_to_gamma(s)
+        except ValueError as error:
+            raise ValueError(f"--sigma-rel: {error}") from None
