@@ -39,7 +39,7 @@ import torch
 
 from patchdiff.config import PatchConfig, TrainConfig, network_preset
 from patchdiff.denoisers import build_denoiser
-from patchdiff.patching import PatchSchedule, crop_at, resolve_schedule
+from patchdiff.patching import PatchSchedule, crop_at, expected_images, resolve_schedule
 from patchdiff.training.ema import ema_beta, update_ema
 from patchdiff.training.loop import train_step
 from patchdiff.training.stream import Crop, crop_offsets
@@ -229,7 +229,7 @@ def warm_up(setup: Setup, name: str, extra: int, seed: int) -> None:
     for i in range(len(schedule.sizes)):
         setup.step(name, i)
     for s in range(extra):
-        setup.step(name, schedule.size_index(seed + 1, s, 0.0))  # another seed: not the timed draws
+        setup.step(name, schedule.draw(seed + 1, s))  # another seed: not the timed draws
     sync(setup.dev)
 
 
@@ -249,7 +249,7 @@ class Tally:
 def timed_block(setup: Setup, name: str, first_step: int, count: int, seed: int, tally: Tally) -> None:
     """`count` steps, crop sizes drawn as training draws them; device syncs only around the block."""
     schedule = setup.schedules[name]
-    indices = [schedule.size_index(seed, first_step + s, 0.0) for s in range(count)]
+    indices = [schedule.draw(seed, first_step + s) for s in range(count)]
     sync(setup.dev)
     start = time.perf_counter()
     for i in indices:
@@ -361,10 +361,11 @@ def cpu_memory(argv: Sequence[str], name: str) -> str:
 def ideal_ratio(schedule: PatchSchedule, batch: int) -> tuple[float, float, float]:
     """(images per step / batch, pixels per step / full step's, ratio) if cost followed pixels."""
     R2 = schedule.image_size[0] * schedule.image_size[1]
-    images = schedule.expected_images_per_round(batch)
+    per_size = schedule.images_per_step(batch)
+    images = expected_images(schedule, per_size)
     pixels = sum(
-        p * schedule.images_per_round(batch, i) * math.prod(schedule.crop_shape(i))
-        for i, p in enumerate(schedule.probs)
+        p * n * math.prod(schedule.crop_shape(i))
+        for i, (p, n) in enumerate(zip(schedule.probs, per_size, strict=True))
     )
     return images / batch, pixels / (batch * R2), (images / batch) / (pixels / (batch * R2))
 

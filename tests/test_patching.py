@@ -1,11 +1,23 @@
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
-from patchdiff import coordinate_grid, random_patches
+from patchdiff import StepPlan, coordinate_grid
 from patchdiff.config import PatchConfig
-from patchdiff.patching import crop_at, crop_coords, resolve_schedule, shared_uniform
+from patchdiff.patching import (
+    crop_at,
+    crop_coords,
+    crop_phase_mean,
+    expected_images,
+    mean_per_image,
+    resolve_schedule,
+    shared_uniform,
+)
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_coordinate_grid_closed_form():
@@ -23,7 +35,9 @@ def test_coordinate_grid_closed_form():
 def test_crop_pixels_and_coords_match_the_full_image(H, W, P):
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(6, 3, H, W, generator=gen)
-    patches, coords = random_patches(images, P, generator=gen)
+    top = torch.randint(0, H - P + 1, (6,), generator=gen)
+    left = torch.randint(0, W - P + 1, (6,), generator=gen)
+    patches, coords = crop_at(images, top, left, (P, P))
     assert patches.shape == (6, 3, P, P) and coords.shape == (6, 2, P, P)
     grid = coordinate_grid(H, W)
     for n in range(6):
@@ -31,31 +45,16 @@ def test_crop_pixels_and_coords_match_the_full_image(H, W, P):
         col = torch.round((coords[n, 0] + 1) * (W - 1) / 2).long()
         row = torch.round((coords[n, 1] + 1) * (H - 1) / 2).long()
         assert torch.equal(patches[n], images[n][:, row, col])
-        top, left = row[0, 0].item(), col[0, 0].item()
-        assert torch.allclose(coords[n], grid[:, top : top + P, left : left + P])
-        assert torch.equal(patches[n], images[n, :, top : top + P, left : left + P])
+        t, l = row[0, 0].item(), col[0, 0].item()
+        assert (t, l) == (top[n].item(), left[n].item())
+        assert torch.allclose(coords[n], grid[:, t : t + P, l : l + P])
+        assert torch.equal(patches[n], images[n, :, t : t + P, l : l + P])
 
 
-def test_every_offset_is_reachable_and_uniform():
-    H = W = 8
-    P = 3
-    images = torch.arange(H * W, dtype=torch.float32).reshape(1, 1, H, W).expand(4000, 1, H, W)
-    patches, _ = random_patches(images, P, generator=torch.Generator().manual_seed(1))
-    corner = patches[:, 0, 0, 0].long()
-    tops, lefts = corner // W, corner % W
-    counts = torch.zeros(H - P + 1, W - P + 1)
-    counts.index_put_((tops, lefts), torch.ones(len(tops)), accumulate=True)
-    assert (counts > 0).all()  # all 36 offsets, including 0 and R-P
-    expected = 4000 / counts.numel()
-    assert ((counts - expected).abs() < 5 * math.sqrt(expected)).all()
-
-
-def test_crop_at_handles_explicit_offsets_and_rejects_oversize():
+def test_crop_at_handles_explicit_offsets():
     images = torch.arange(2 * 16, dtype=torch.float32).reshape(2, 1, 4, 4)
     patches, _coords = crop_at(images, torch.tensor([0, 2]), torch.tensor([1, 0]), (2, 2))
     assert torch.equal(patches[1, 0], images[1, 0, 2:4, 0:2])
-    with pytest.raises(ValueError, match="does not fit"):
-        random_patches(images, 5)
 
 
 @pytest.mark.parametrize("H,W,h,w", [(16, 16, 4, 4), (12, 20, 8, 8), (12, 20, 12, 20), (1, 6, 1, 3)])
@@ -80,7 +79,8 @@ def test_default_stochastic_schedule_sizes_and_multipliers():
     assert s.sizes == (16, 32, 64)
     assert s.probs == pytest.approx((0.2, 0.3, 0.5))
     assert s.batch_mult == (4.0, 2.0, 1.0)
-    assert s.expected_images_per_round(8) == pytest.approx(8 * (0.2 * 4 + 0.3 * 2 + 0.5))
+    assert s.images_per_step(8) == (32, 16, 8) and s.images_per_step(4, rounds=2, world=3) == (96, 48, 24)
+    assert expected_images(s, s.images_per_step(8)) == pytest.approx(8 * (0.2 * 4 + 0.3 * 2 + 0.5))
     # R=32 works too (the published lookup table fails there): sizes 8, 16, 32.
     s32 = resolve_schedule(PatchConfig(schedule="stochastic"), (32, 32), min_crop=4)
     assert s32.sizes == (8, 16, 32) and s32.batch_mult == (4.0, 2.0, 1.0)
@@ -105,7 +105,7 @@ def test_schedule_frequencies_match_probabilities():
     n = 20000
     counts = [0, 0, 0]
     for step in range(n):
-        counts[s.size_index(seed=3, step=step, progress=0.0)] += 1
+        counts[s.draw(seed=3, step=step)] += 1
     for c, p in zip(counts, s.probs, strict=True):
         assert abs(c / n - p) < 4 * math.sqrt(p * (1 - p) / n)
 
@@ -114,28 +114,22 @@ def test_sizes_depend_on_the_seed_and_step():
     # That two processes draw the same size at every step is checked with two real processes in
     # tests/training/test_training_distributed.py (both ranks log their per-step crop sizes).
     s = resolve_schedule(PatchConfig(schedule="stochastic"), (64, 64))
-    seed7 = [s.size_index(seed=7, step=i, progress=0) for i in range(500)]
-    seed8 = [s.size_index(seed=8, step=i, progress=0) for i in range(500)]
+    seed7 = [s.draw(seed=7, step=i) for i in range(500)]
+    seed8 = [s.draw(seed=8, step=i) for i in range(500)]
     assert seed7 != seed8 and len(set(seed7)) == 3
     assert shared_uniform(1, 2) != shared_uniform(2, 1)
 
 
-def test_progressive_and_full_schedules():
-    s = resolve_schedule(PatchConfig(schedule="progressive"), (64, 64))
-    assert [s.sizes[s.size_index(0, 0, p)] for p in (0.0, 0.19, 0.21, 0.49, 0.51, 1.0)] == [
-        16,
-        16,
-        32,
-        32,
-        64,
-        64,
-    ]
-    assert s.expected_images_per_round(4, progress=0.1) == 16
+def test_full_schedule_and_no_draw_for_phased_ones():
     full = resolve_schedule(PatchConfig(schedule="full"), (64, 64))
-    assert full.sizes == (64,) and full.size_index(0, 5, 0.3) == 0
+    assert full.sizes == (64,) and full.draw(0, 5) == 0
     assert full.crop_shape(0) == (64, 64)
+    assert expected_images(full, full.images_per_step(8)) == 8.0
     wide = resolve_schedule(PatchConfig(schedule="full"), (32, 64))
     assert wide.crop_shape(0) == (32, 64)
+    progressive = resolve_schedule(PatchConfig(schedule="progressive"), (64, 64))
+    with pytest.raises(ValueError, match="come in phases"):
+        progressive.draw(0, 0)
 
 
 def test_override_multipliers_and_bad_configs():
@@ -179,3 +173,92 @@ def test_coordinate_features_closed_form():
     assert torch.equal(coordinate_features(crop, 3), f[:, :, 1:3, 2:5])
     with pytest.raises(ValueError, match="--coord-embed -1"):
         coordinate_features(coords, -1)
+
+
+# --------------------------------------------------------------------------- the plan of a run
+
+
+def plan_for(kind: str, duration: float = 10_000, batch: int = 8, size=(64, 64), seed: int = 0) -> StepPlan:
+    schedule = resolve_schedule(PatchConfig(schedule=kind), size)
+    return StepPlan(schedule, seed, schedule.images_per_step(batch), duration)
+
+
+def test_stochastic_plan_counts_expected_images():
+    plan = plan_for("stochastic")
+    assert plan.images_per_step == (32, 16, 8)
+    assert plan.expected_images == pytest.approx(0.2 * 32 + 0.3 * 16 + 0.5 * 8)
+    assert plan.total_steps == -(-10_000 // plan.expected_images)
+    assert plan.nimg(10) == pytest.approx(10 * plan.expected_images)
+
+
+def test_progressive_plan_phases_cover_their_share_of_images():
+    plan = plan_for("progressive")
+    b = plan.phase_bounds
+    assert [plan.size_index(s) for s in (0, b[0] - 1, b[0], b[1] - 1, b[1], b[2] - 1)] == [0, 0, 1, 1, 2, 2]
+    assert plan.nimg(b[0]) == pytest.approx(0.2 * 10_000, abs=32)
+    assert plan.nimg(b[1]) == pytest.approx(0.5 * 10_000, abs=48)
+    assert plan.nimg(plan.total_steps) >= 10_000
+
+
+def test_finish_full_trains_the_last_share_of_images_on_whole_images():
+    schedule = resolve_schedule(PatchConfig(schedule="stochastic", finish_full=0.3), (64, 64))
+    plan = StepPlan(schedule, 0, schedule.images_per_step(8), 10_000)
+    b = plan.finish_step
+    assert b == -(-7_000 // plan.expected_images)  # 70% of the images under the stochastic schedule
+    assert {plan.size_index(s) for s in range(b)} == {0, 1, 2}
+    assert {plan.size_index(s) for s in range(b, plan.total_steps)} == {2}
+    assert plan.nimg(b + 5) == pytest.approx(b * plan.expected_images + 5 * 8)
+    assert plan.nimg(plan.total_steps) >= 10_000 > plan.nimg(plan.total_steps - 1)
+    # The first part draws exactly the sizes the plain stochastic plan draws.
+    plain = plan_for("stochastic")
+    assert [plan.size_index(s) for s in range(b)] == [plain.size_index(s) for s in range(b)]
+    assert plain.finish_step is None
+    with pytest.raises(ValueError, match="--finish-full needs --patch-schedule stochastic"):
+        resolve_schedule(PatchConfig(schedule="progressive", finish_full=0.3), (64, 64))
+    with pytest.raises(ValueError, match=r"--finish-full 1.0 must lie in \[0, 1\)"):
+        resolve_schedule(PatchConfig(schedule="stochastic", finish_full=1.0), (64, 64))
+
+
+def test_full_plan():
+    plan = plan_for("full")
+    assert plan.images_per_step == (8,) and plan.total_steps == 1250 and plan.size_index(3) == 0
+
+
+def test_the_stochastic_plan_draws_the_schedules_sizes():
+    plan = plan_for("stochastic", seed=4)
+    assert [plan.size_index(k) for k in range(300)] == [plan.schedule.draw(4, k) for k in range(300)]
+
+
+def test_means_per_image_over_the_plan():
+    v = (1.0, 4.0, 16.0)
+    stochastic = resolve_schedule(PatchConfig(schedule="stochastic", real_p=0.5), (16, 16))
+    # p = (0.2, 0.3, 0.5), images per base image n = (4, 2, 1): sum p n v / sum p n
+    assert mean_per_image(stochastic, v) == pytest.approx((0.8 * 1 + 0.6 * 4 + 0.5 * 16) / 1.9)
+    finish = resolve_schedule(PatchConfig(schedule="stochastic", finish_full=0.25), (16, 16))
+    assert mean_per_image(finish, v) == pytest.approx(0.75 * mean_per_image(stochastic, v) + 0.25 * 16)
+    progressive = resolve_schedule(PatchConfig(schedule="progressive", real_p=0.5), (16, 16))
+    assert mean_per_image(progressive, v) == pytest.approx(0.2 * 1 + 0.3 * 4 + 0.5 * 16)
+    assert mean_per_image(resolve_schedule(PatchConfig(schedule="full"), (16, 16)), (16.0,)) == 16.0
+    fixed = resolve_schedule(PatchConfig(schedule="fixed", crop_kimg=2.0), (16, 16))
+    crop = (0.2 * 1 + 0.3 * 4) / 0.5
+    assert crop_phase_mean(fixed, v) == pytest.approx(crop)
+    assert mean_per_image(fixed, v, 8.0) == pytest.approx(0.25 * crop + 0.75 * 16)
+    assert mean_per_image(fixed, v, 1.0) == pytest.approx(crop)  # a run shorter than the crop phase
+    with pytest.raises(ValueError, match="run's length"):
+        mean_per_image(fixed, v)
+
+
+def test_the_readme_crop_plan_snippet_runs():
+    """The README's crop-plan example is what training does, and runs as written."""
+    text = README.read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    snippet = next(b for b in blocks if "StepPlan" in b)
+    scope: dict = {}
+    exec(compile(snippet, str(README), "exec"), scope)
+    plan, step = scope["plan"], scope["step"]
+    assert (
+        scope["patches"].shape[-2:]
+        == scope["coords"].shape[-2:]
+        == plan.schedule.crop_shape(plan.size_index(step))
+    )
+    assert len(scope["patches"]) == plan.images_per_step[plan.size_index(step)]

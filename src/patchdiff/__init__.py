@@ -5,7 +5,7 @@ from patchdiff.config import LossConfig, NetworkConfig, PatchConfig, TrainConfig
 from patchdiff.generation import Model, generate, load
 from patchdiff.inpaint import Known, inpainting_denoiser
 from patchdiff.loss import edm_loss
-from patchdiff.patching import coordinate_features, coordinate_grid, random_patches, resolve_schedule
+from patchdiff.patching import StepPlan, coordinate_features, coordinate_grid, crop_at, resolve_schedule
 from patchdiff.precond import Denoiser, edm_scalings
 from patchdiff.sampling import edm_sampler, euler_sampler, guidance_combine, guided_denoiser, karras_sigmas
 
@@ -19,10 +19,12 @@ __all__ = [
     "Model",
     "NetworkConfig",
     "PatchConfig",
+    "StepPlan",
     "TrainConfig",
     "centred_canvas",
     "coordinate_features",
     "coordinate_grid",
+    "crop_at",
     "edm_loss",
     "edm_sampler",
     "edm_scalings",
@@ -34,7 +36,6 @@ __all__ = [
     "karras_sigmas",
     "load",
     "network_preset",
-    "random_patches",
     "region_canvas",
     "resolve_schedule",
     "tiled_denoiser",

@@ -8,16 +8,10 @@ counts as 2 FLOPs. Attention through scaled_dot_product_attention runs as one fu
 the CUDA ones, but not the CPU's (`_scaled_dot_product_flash_attention_for_cpu`), which it would count
 as 0, so the counter is given that op's closed form (attention_flops): the same count as on a GPU.
 
-The expected cost of one training image under a crop schedule, with images per step n_i = batch_mult_i
-per base image (R/P_i by default) and probabilities p_i:
-
-    stochastic:   sum_i p_i n_i flops(P_i) / sum_i p_i n_i    (steps drawn with p_i, n_i images each)
-    progressive:  sum_i p_i flops(P_i)                        (phase i covers a share p_i of the images)
-    full:         flops(R)
-    fixed:        c f_crop + (1 - c) flops(R),  f_crop = sum_{i<last} p_i flops(P_i) / sum_{i<last} p_i,
-                  c = min(crop_kimg, kimg) / kimg             (the crop phase has a fixed length)
-
-Training length is counted in images as the paper counts it (see training/stream.py), so a run of
+The expected cost of one training image under a crop schedule is the mean of flops(P_i) over the
+images of the crop plan, `patching.mean_per_image` (stochastic: sum_i p_i n_i flops(P_i) / sum_i p_i n_i
+with n_i = batch_mult_i images per base image; progressive: sum_i p_i flops(P_i); see there).
+Training length is counted in images as the paper counts it (`patching.StepPlan`), so a run of
 `kimg` costs kimg * 1000 * flops_per_image FLOPs.
 """
 
@@ -29,7 +23,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from patchdiff.config import LossConfig, TrainConfig
 from patchdiff.denoisers import build_denoiser
 from patchdiff.loss import edm_loss
-from patchdiff.patching import PatchSchedule, coordinate_grid, resolve_schedule
+from patchdiff.patching import (
+    PatchSchedule,
+    coordinate_grid,
+    crop_phase_mean,
+    mean_per_image,
+    resolve_schedule,
+)
 
 
 def attention_flops(query, key, value) -> int:
@@ -79,32 +79,21 @@ def step_flops_per_image(denoiser, channels: int, crop_hw: tuple[int, int], batc
 
 
 def crop_phase_flops_per_image(schedule: PatchSchedule, flops_by_size: dict[int, float]) -> float:
-    """Fixed schedule: FLOPs per image of its crop phase (the phases of the crop sizes, as progressive)."""
-    f = [flops_by_size[s] for s in schedule.sizes[:-1]]
-    return sum(p * fi for p, fi in zip(schedule.probs[:-1], f, strict=True)) / sum(schedule.probs[:-1])
+    """Fixed schedule: FLOPs per image of its crop phase (`patching.crop_phase_mean`)."""
+    return crop_phase_mean(schedule, [flops_by_size[s] for s in schedule.sizes])
 
 
 def schedule_flops_per_image(
     schedule: PatchSchedule, flops_by_size: dict[int, float], duration_kimg: float | None = None
 ) -> float:
-    """Expected FLOPs per training image of a crop schedule, from the FLOPs per image at each size (the
-    fixed schedule's depends on the run's length: `duration_kimg`)."""
-    f = [flops_by_size[s] for s in schedule.sizes]
-    if schedule.kind == "full":
-        return f[-1]
-    if schedule.kind == "fixed":
-        if not duration_kimg or duration_kimg <= 0:
-            raise ValueError(
-                "the fixed schedule's FLOPs per image depend on the run's length: give duration_kimg"
-            )
-        c = min(schedule.crop_kimg, duration_kimg) / duration_kimg
-        return c * crop_phase_flops_per_image(schedule, flops_by_size) + (1 - c) * f[-1]
-    if schedule.kind == "progressive":
-        return sum(p * fi for p, fi in zip(schedule.probs, f, strict=True))
-    weights = [p * n for p, n in zip(schedule.probs, schedule.batch_mult, strict=True)]
-    stochastic = sum(wi * fi for wi, fi in zip(weights, f, strict=True)) / sum(weights)
-    # --finish-full: that share of the images is trained on whole images.
-    return (1.0 - schedule.finish_full) * stochastic + schedule.finish_full * f[-1]
+    """Expected FLOPs per training image of a crop schedule, from the FLOPs per image at each size: their
+    mean over the plan's images (`patching.mean_per_image`; the fixed schedule's depends on the run's
+    length, `duration_kimg`)."""
+    if schedule.kind == "fixed" and (not duration_kimg or duration_kimg <= 0):
+        raise ValueError(
+            "the fixed schedule's FLOPs per image depend on the run's length: give duration_kimg"
+        )
+    return mean_per_image(schedule, [flops_by_size[s] for s in schedule.sizes], duration_kimg)
 
 
 def training_flops(cfg: TrainConfig) -> dict:

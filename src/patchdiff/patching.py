@@ -1,4 +1,10 @@
-"""Patch Diffusion's crops: coordinate grids, random crops, crop-size schedules (Wang et al. 2023, Sec. 3).
+"""Patch Diffusion's crops (Wang et al. 2023, Sec. 3): coordinate grids, crops, and the crop plan.
+
+The crop plan lives here and only here: the schedule's sizes, probabilities and images per base image
+(`resolve_schedule` -> `PatchSchedule`), the crop size and image count of each step, phase boundaries
+and training length (`StepPlan`), and the expectations over the plan that length and FLOPs are
+counted with (`expected_images`, `mean_per_image`). Training's data stream (training/stream.py),
+flops.py and the benchmarks use it.
 
 One convention everywhere (training, sampling, tests): a pixel at (row, col) of an H x W image has
 x = 2*col/(W-1) - 1 and y = 2*row/(H-1) - 1, so the full image spans [-1, 1] and a pixel keeps its
@@ -7,7 +13,9 @@ coordinates in every crop. Channel 0 is x, channel 1 is y.
 
 from __future__ import annotations
 
+import bisect
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,21 +96,6 @@ def crop_at(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: t
     return patches.contiguous(), crop_coords(top, left, size, (H, W), images.device)
 
 
-def random_patches(images: torch.Tensor, patch_size: int | tuple[int, int], generator=None):
-    """One uniformly random crop per image: every offset 0..H-P (and 0..W-P) is equally likely.
-
-    images [N, C, H, W] -> (patches [N, C, P, P], coords [N, 2, P, P]). A patch size equal to the
-    image size returns the images with the full grid. `generator` must live on images' device.
-    """
-    N, _, H, W = images.shape
-    h, w = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
-    if not (0 < h <= H and 0 < w <= W):
-        raise ValueError(f"patch size {h}x{w} does not fit in images of size {H}x{W}")
-    top = torch.randint(0, H - h + 1, (N,), device=images.device, generator=generator)
-    left = torch.randint(0, W - w + 1, (N,), device=images.device, generator=generator)
-    return crop_at(images, top, left, (h, w))
-
-
 # --------------------------------------------------------------------------- crop-size schedules
 
 
@@ -116,9 +109,9 @@ def shared_uniform(seed: int, step: int) -> float:
 class PatchSchedule:
     """A resolved crop-size schedule for images of size H x W.
 
-    sizes[i] is a square crop size (the last may be the whole image), probs[i] its probability (or
-    share of training progress for the progressive schedule), batch_mult[i] the number of images per
-    base image in a step of that size.
+    sizes[i] is a square crop size (the last may be the whole image), probs[i] its probability
+    (stochastic) or its phase's share of the images (progressive, fixed), batch_mult[i] the number of
+    images per base image in a step of that size. Which size each step of a run uses: `StepPlan`.
     """
 
     kind: ScheduleKind
@@ -136,11 +129,16 @@ class PatchSchedule:
         size = self.sizes[index]
         return (H, W) if size >= min(H, W) else (size, size)
 
-    def size_index(self, seed: int, step: int, progress: float) -> int:
-        """The crop size of a step; `progress` in [0, 1] is the share of training done."""
+    def draw(self, seed: int, step: int) -> int:
+        """The crop size (index) of a step of the stochastic schedule: size i with probability probs[i],
+        from `shared_uniform(seed, step)`, so every process draws the same one (the paper's stochastic
+        schedule, Sec. 3). The whole-image schedule has one size and draws nothing; phased
+        schedules have no draw (their steps' sizes come from `StepPlan.size_index`)."""
         if self.kind == "full":
             return len(self.sizes) - 1
-        u = shared_uniform(seed, step) if self.kind == "stochastic" else min(max(progress, 0.0), 1.0)
+        if self.kind != "stochastic":
+            raise ValueError(f"the {self.kind} schedule's crop sizes come in phases: see StepPlan.size_index")
+        u = shared_uniform(seed, step)
         cumulative = 0.0
         for i, p in enumerate(self.probs):
             cumulative += p
@@ -164,12 +162,10 @@ class PatchSchedule:
         """Images each process loads per accumulation round at crop size `index`."""
         return max(1, round(batch_gpu * self.batch_mult[index]))
 
-    def expected_images_per_round(self, batch_gpu: int, progress: float = 0.0) -> float:
-        """Images per round as the paper counts training length: the expectation over crop sizes
-        (stochastic), or the current size (progressive, full)."""
-        if self.kind == "stochastic":
-            return sum(p * self.images_per_round(batch_gpu, i) for i, p in enumerate(self.probs))
-        return float(self.images_per_round(batch_gpu, self.size_index(0, 0, progress)))
+    def images_per_step(self, batch_gpu: int, rounds: int = 1, world: int = 1) -> tuple[int, ...]:
+        """Images a step loads at each crop size: all `world` processes and `rounds` accumulation rounds
+        together, `images_per_round` each."""
+        return tuple(self.images_per_round(batch_gpu, i) * rounds * world for i in range(len(self.sizes)))
 
 
 def default_sizes(
@@ -258,3 +254,148 @@ def default_batch_mult(frame: tuple[int, int], crop: tuple[int, int]) -> float:
     of its pixels, and the whole frame gets 1."""
     (H, W), (h, w) = frame, crop
     return math.sqrt(H * W) / math.sqrt(h * w)  # exactly R / P for squares (integer square roots)
+
+
+# --------------------------------------------------------------------------- expectations
+
+
+def expected_images(schedule: PatchSchedule, images_per_size: Sequence[int]) -> float:
+    """Images per step as the paper counts training length, from the images a step loads at each size:
+    their expectation over the drawn sizes (stochastic: 1.9 x the batch at real_p 0.5, as
+    sum_i p_i R/P_i), else the whole-image step's count (progressive and fixed phases count their own
+    images: `StepPlan.nimg`)."""
+    if schedule.kind == "stochastic":
+        return sum(p * n for p, n in zip(schedule.probs, images_per_size, strict=True))
+    return float(images_per_size[-1])
+
+
+def crop_phase_mean(schedule: PatchSchedule, values: Sequence[float]) -> float:
+    """Fixed schedule: the mean per image of a per-size quantity (values[i] at sizes[i]) over its crop
+    phase, whose phases share the images as probs[:-1] do."""
+    crops = values[:-1]
+    return sum(p * v for p, v in zip(schedule.probs[:-1], crops, strict=True)) / sum(schedule.probs[:-1])
+
+
+def mean_per_image(
+    schedule: PatchSchedule, values: Sequence[float], duration_kimg: float | None = None
+) -> float:
+    """The mean per training image of a per-size quantity (values[i] at sizes[i], e.g. counted FLOPs),
+    as the plan spreads the images over the sizes, with images per base image n_i = batch_mult[i]:
+
+        stochastic:   sum_i p_i n_i v_i / sum_i p_i n_i   (steps drawn with p_i, n_i images each);
+                      with --finish-full F, (1 - F) of that + F v_full
+        progressive:  sum_i p_i v_i                        (phase i holds a share p_i of the images)
+        full:         v_full
+        fixed:        c crop_phase_mean + (1 - c) v_full,  c = min(crop_kimg, kimg) / kimg
+
+    The fixed schedule's crop phase has a fixed length, so its mean depends on the run's `duration_kimg`."""
+    if schedule.kind == "full":
+        return values[-1]
+    if schedule.kind == "fixed":
+        if not duration_kimg or duration_kimg <= 0:
+            raise ValueError(
+                "the fixed schedule's mean per image depends on the run's length: give duration_kimg"
+            )
+        c = min(schedule.crop_kimg, duration_kimg) / duration_kimg
+        return c * crop_phase_mean(schedule, values) + (1 - c) * values[-1]
+    if schedule.kind == "progressive":
+        return sum(p * v for p, v in zip(schedule.probs, values, strict=True))
+    weights = [p * n for p, n in zip(schedule.probs, schedule.batch_mult, strict=True)]
+    stochastic = sum(w * v for w, v in zip(weights, values, strict=True)) / sum(weights)
+    return (1.0 - schedule.finish_full) * stochastic + schedule.finish_full * values[-1]
+
+
+# --------------------------------------------------------------------------- the plan of a run
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The crop plan of a run: crop size and image count of each step, phase boundaries, and training
+    length in steps for a duration in images. Everything is a pure function of (schedule, seed, step),
+    so every process agrees on every step and a resumed run continues the same plan.
+
+    Images seen are counted as the paper does: the expected number of images per step (stochastic),
+    or the images of the current phase (progressive, fixed, full). `images_per_step` comes from
+    `PatchSchedule.images_per_step` (all processes and accumulation rounds together).
+    """
+
+    schedule: PatchSchedule
+    seed: int
+    images_per_step: tuple[int, ...]  # per crop size: all processes and accumulation rounds together
+    duration_nimg: float
+    saved_bounds: tuple[int, ...] = ()  # a resumed run's phase boundaries: its phases never move
+
+    @property
+    def phased(self) -> bool:
+        """Crop sizes in phases of increasing size (progressive, fixed) rather than drawn per step."""
+        return self.schedule.kind in ("progressive", "fixed")
+
+    @property
+    def phase_bounds(self) -> list[int]:
+        """Progressive schedule: the first step of each later phase (phase i covers share probs[i] of
+        the images); the last phase lasts until the duration is reached. A resumed run keeps its
+        earlier boundaries even when its duration changes, so only the last phase grows or shrinks.
+
+        Fixed schedule: the crop phases together cover crop_kimg (or the whole run, if shorter), phase i
+        a share probs[i] / sum(probs[:-1]) of it, whatever the duration: the crop phase does not grow
+        with the run. Whole images follow."""
+        shares, span = self.schedule.probs[:-1], self.duration_nimg
+        if self.schedule.kind == "fixed":
+            span = min(self.schedule.crop_kimg * 1000, self.duration_nimg)
+            shares = tuple(p / sum(shares) for p in shares) if sum(shares) > 0 else shares
+        bounds, total = [], 0
+        for p, n in zip(shares, self.images_per_step[:-1], strict=True):
+            total += math.ceil(p * span / n)
+            bounds.append(total)
+        if len(self.saved_bounds) == len(self.images_per_step):
+            bounds = list(self.saved_bounds[:-1])
+        seen = sum((b - a) * n for a, b, n in zip([0, *bounds], bounds, self.images_per_step, strict=False))
+        last = max(math.ceil((self.duration_nimg - seen) / self.images_per_step[-1]), 0)
+        return [*bounds, (bounds[-1] if bounds else 0) + last]
+
+    @property
+    def expected_images(self) -> float:
+        """Images per step as training length counts them (`expected_images`)."""
+        return expected_images(self.schedule, self.images_per_step)
+
+    @property
+    def finish_step(self) -> int | None:
+        """--finish-full: the first step of the whole-image finish, which trains on the last share
+        `finish_full` of the images (None without one). It follows the duration, as the total does."""
+        if self.schedule.kind != "stochastic" or self.schedule.finish_full <= 0:
+            return None
+        return math.ceil((1.0 - self.schedule.finish_full) * self.duration_nimg / self.expected_images)
+
+    @property
+    def total_steps(self) -> int:
+        """The steps that see `duration_nimg` images (the paper's count)."""
+        if self.phased:
+            return self.phase_bounds[-1]
+        finish = self.finish_step
+        if finish is not None:
+            rest = self.duration_nimg - finish * self.expected_images
+            return max(1, finish + max(math.ceil(rest / self.images_per_step[-1]), 0))
+        return max(1, math.ceil(self.duration_nimg / self.expected_images))
+
+    def size_index(self, step: int) -> int:
+        """The crop size (index) of `step`: its phase's, the whole image in the --finish-full finish,
+        else the stochastic draw of (seed, step)."""
+        if self.phased:
+            return min(bisect.bisect_right(self.phase_bounds, step), len(self.images_per_step) - 1)
+        finish = self.finish_step
+        if finish is not None and step >= finish:
+            return len(self.images_per_step) - 1
+        return self.schedule.draw(self.seed, step)
+
+    def nimg(self, step: int) -> float:
+        """Images seen (paper count) after `step` steps."""
+        finish = self.finish_step
+        if finish is not None:
+            return min(step, finish) * self.expected_images + max(step - finish, 0) * self.images_per_step[-1]
+        if not self.phased:
+            return step * self.expected_images
+        total, start = 0.0, 0
+        for bound, n in zip(self.phase_bounds, self.images_per_step, strict=True):
+            total += (min(step, bound) - start) * n if step > start else 0
+            start = bound
+        return total

@@ -10,9 +10,8 @@ from tests.conftest import TINY_TRAIN_FLAGS, tiny_config
 
 from patchdiff.cli import main
 from patchdiff.config import PatchConfig
-from patchdiff.patching import resolve_schedule
+from patchdiff.patching import StepPlan, resolve_schedule
 from patchdiff.training.setup import check_config, merge_resumed, phases_on_resume
-from patchdiff.training.stream import StepPlan
 
 
 def test_merge_resumed_takes_only_the_given_settings():

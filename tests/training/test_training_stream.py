@@ -6,12 +6,11 @@ from tests import vae as helpers
 
 from patchdiff.config import PatchConfig
 from patchdiff.data import open_dataset
-from patchdiff.patching import coordinate_grid, crop_at, crop_coords, resolve_schedule
+from patchdiff.patching import StepPlan, coordinate_grid, crop_at, crop_coords, resolve_schedule
 from patchdiff.training.stream import (
     Crop,
     CropDataset,
     CropKey,
-    StepPlan,
     StreamSampler,
     crop_offsets,
     derive_seed,
@@ -23,50 +22,7 @@ tiny_vae, class_images, latent_set = helpers.tiny_vae, helpers.class_images, hel
 
 def plan_for(kind: str, duration: float = 10_000, batch: int = 8, size=(64, 64), seed: int = 0) -> StepPlan:
     schedule = resolve_schedule(PatchConfig(schedule=kind), size)
-    per_step = tuple(schedule.images_per_round(batch, i) for i in range(len(schedule.sizes)))
-    return StepPlan(schedule, seed, per_step, duration)
-
-
-def test_stochastic_plan_counts_expected_images():
-    plan = plan_for("stochastic")
-    assert plan.images_per_step == (32, 16, 8)
-    assert plan.expected_images == pytest.approx(0.2 * 32 + 0.3 * 16 + 0.5 * 8)
-    assert plan.total_steps == -(-10_000 // plan.expected_images)
-    assert plan.nimg(10) == pytest.approx(10 * plan.expected_images)
-
-
-def test_progressive_plan_phases_cover_their_share_of_images():
-    plan = plan_for("progressive")
-    b = plan.phase_bounds
-    assert [plan.size_index(s) for s in (0, b[0] - 1, b[0], b[1] - 1, b[1], b[2] - 1)] == [0, 0, 1, 1, 2, 2]
-    assert plan.nimg(b[0]) == pytest.approx(0.2 * 10_000, abs=32)
-    assert plan.nimg(b[1]) == pytest.approx(0.5 * 10_000, abs=48)
-    assert plan.nimg(plan.total_steps) >= 10_000
-
-
-def test_finish_full_trains_the_last_share_of_images_on_whole_images():
-    schedule = resolve_schedule(PatchConfig(schedule="stochastic", finish_full=0.3), (64, 64))
-    per_step = tuple(schedule.images_per_round(8, i) for i in range(len(schedule.sizes)))
-    plan = StepPlan(schedule, 0, per_step, 10_000)
-    b = plan.finish_step
-    assert b == -(-7_000 // plan.expected_images)  # 70% of the images under the stochastic schedule
-    assert {plan.size_index(s) for s in range(b)} == {0, 1, 2}
-    assert {plan.size_index(s) for s in range(b, plan.total_steps)} == {2}
-    assert plan.nimg(b + 5) == pytest.approx(b * plan.expected_images + 5 * 8)
-    assert plan.nimg(plan.total_steps) >= 10_000 > plan.nimg(plan.total_steps - 1)
-    # The first part draws exactly the sizes the plain stochastic plan draws.
-    plain = plan_for("stochastic")
-    assert [plan.size_index(s) for s in range(b)] == [plain.size_index(s) for s in range(b)]
-    assert plain.finish_step is None
-    with pytest.raises(ValueError, match="--finish-full needs --patch-schedule stochastic"):
-        resolve_schedule(PatchConfig(schedule="progressive", finish_full=0.3), (64, 64))
-    with pytest.raises(ValueError, match=r"--finish-full 1.0 must lie in \[0, 1\)"):
-        resolve_schedule(PatchConfig(schedule="stochastic", finish_full=1.0), (64, 64))
-
-
-def test_full_plan():
-    plan = plan_for("full")
-    assert plan.images_per_step == (8,) and plan.total_steps == 1250 and plan.size_index(3) == 0
+    return StepPlan(schedule, seed, schedule.images_per_step(batch), duration)
 
 
 def test_seeds_are_distinct_and_stable():

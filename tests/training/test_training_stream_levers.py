@@ -8,15 +8,14 @@ import pytest
 
 from patchdiff.config import PatchConfig
 from patchdiff.flops import fixed_kimg_for_budget, schedule_flops_per_image
-from patchdiff.patching import default_sizes, resolve_schedule
+from patchdiff.patching import StepPlan, default_sizes, resolve_schedule
 from patchdiff.training import loop
-from patchdiff.training.stream import StepPlan, clock, lr_factor
+from patchdiff.training.stream import clock, lr_factor
 
 
 def fixed_plan(duration_nimg: float, crop_kimg: float = 2.0, batch: int = 8) -> StepPlan:
     schedule = resolve_schedule(PatchConfig(schedule="fixed", crop_kimg=crop_kimg), (64, 64))
-    per_step = tuple(schedule.images_per_round(batch, i) for i in range(len(schedule.sizes)))
-    return StepPlan(schedule, 0, per_step, duration_nimg)
+    return StepPlan(schedule, 0, schedule.images_per_step(batch), duration_nimg)
 
 
 def test_the_fixed_crop_phase_does_not_grow_with_the_run():

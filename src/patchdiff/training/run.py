@@ -162,6 +162,7 @@ class Run:
             self.world,
             self.at_step,
             self.counters["position"],
+            cfg.augment,
         )
         # The workers cut each image at its CropKey before collation: only crops are pinned and copied.
         loader = torch.utils.data.DataLoader(

@@ -16,7 +16,7 @@ from patchdiff import distributed as dist
 from patchdiff.config import TrainConfig, from_json
 from patchdiff.data import ImageDataset, open_dataset
 from patchdiff.data.latents import resolve_latent
-from patchdiff.patching import PatchSchedule, resolve_schedule
+from patchdiff.patching import PatchSchedule, StepPlan, resolve_schedule
 from patchdiff.snapshot import newest_snapshot, read_snapshot
 from patchdiff.training.checkpoint import (
     StateError,
@@ -26,7 +26,6 @@ from patchdiff.training.checkpoint import (
 )
 from patchdiff.training.lock import RunLock, RunLockedError
 from patchdiff.training.posthoc_ema import MAX_SIGMA_REL
-from patchdiff.training.stream import StepPlan
 
 # Flags whose value must be finite and positive (or >= 0), checked before anything is written.
 POSITIVE = (("--duration", "duration_kimg"), ("--lr", "lr"), ("--tick", "tick_kimg"), ("--batch", "batch"))
@@ -199,12 +198,8 @@ def make_plan(
     world: int,
     saved_bounds: tuple[int, ...] = (),
 ) -> StepPlan:
-    per_step = tuple(
-        schedule.images_per_round(batch_gpu, i) * rounds * world for i in range(len(schedule.sizes))
-    )
-    return StepPlan(
-        schedule, cfg.seed, per_step, cfg.duration_kimg * 1000, tuple(saved_bounds), augment=cfg.augment
-    )
+    per_step = schedule.images_per_step(batch_gpu, rounds, world)
+    return StepPlan(schedule, cfg.seed, per_step, cfg.duration_kimg * 1000, tuple(saved_bounds))
 
 
 def init_snapshot_file(path: str) -> Path:

@@ -1,8 +1,8 @@
-"""The data stream and the step plan: which crop size each step uses, which images it loads, and where
-each image is cropped.
+"""The data stream: which images each step loads, and where each image is cropped.
 
-All are pure functions of (seed, step, position), so training resumes exactly and every process
-agrees on the crop size of every step without talking to the others.
+The crop plan (the crop size and image count of each step) is `patching.StepPlan`; this module follows
+it. All are pure functions of (seed, step, position), so training resumes exactly and every process
+agrees on every step without talking to the others.
 
 The stream is an endless sequence of epochs, each a permutation of the data set seeded by
 (seed, epoch). A step's accumulation round takes the next n * world images of the stream; process k
@@ -15,16 +15,14 @@ and only crops are collated, pinned and copied to the device, where `train_step`
 
 from __future__ import annotations
 
-import bisect
 import math
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from patchdiff import augment
-from patchdiff.patching import PatchSchedule
+from patchdiff.patching import StepPlan
 
 STEP_STREAM, EPOCH_STREAM, CROP_STREAM, AUGMENT_STREAM = (
     1,
@@ -126,96 +124,6 @@ class CropDataset(torch.utils.data.Dataset):
         return Crop(cut(data, key.top, key.left, (key.height, key.width)), label, key.top, key.left, labels)
 
 
-@dataclass(frozen=True)
-class StepPlan:
-    """Crop size and image count of each step; training length in steps for a duration in images.
-
-    Images seen are counted as the paper does: the expected number of images per step (stochastic),
-    or the images of the current phase (progressive, full).
-    """
-
-    schedule: PatchSchedule
-    seed: int
-    images_per_step: tuple[int, ...]  # per crop size: all processes and accumulation rounds together
-    duration_nimg: float
-    saved_bounds: tuple[int, ...] = ()  # a resumed run's phase boundaries: its phases never move
-    augment: float = 0.0  # --augment: probability of each geometric transform (0 = none)
-
-    @property
-    def phased(self) -> bool:
-        """Crop sizes in phases of increasing size (progressive, fixed) rather than drawn per step."""
-        return self.schedule.kind in ("progressive", "fixed")
-
-    @property
-    def phase_bounds(self) -> list[int]:
-        """Progressive schedule: the first step of each later phase (phase i covers share probs[i] of
-        the images); the last phase lasts until the duration is reached. A resumed run keeps its
-        earlier boundaries even when its duration changes, so only the last phase grows or shrinks.
-
-        Fixed schedule: the crop phases together cover crop_kimg (or the whole run, if shorter), phase i
-        a share probs[i] / sum(probs[:-1]) of it, whatever the duration: the crop phase does not grow
-        with the run. Whole images follow."""
-        shares, span = self.schedule.probs[:-1], self.duration_nimg
-        if self.schedule.kind == "fixed":
-            span = min(self.schedule.crop_kimg * 1000, self.duration_nimg)
-            shares = tuple(p / sum(shares) for p in shares) if sum(shares) > 0 else shares
-        bounds, total = [], 0
-        for p, n in zip(shares, self.images_per_step[:-1], strict=True):
-            total += math.ceil(p * span / n)
-            bounds.append(total)
-        if len(self.saved_bounds) == len(self.images_per_step):
-            bounds = list(self.saved_bounds[:-1])
-        seen = sum((b - a) * n for a, b, n in zip([0, *bounds], bounds, self.images_per_step, strict=False))
-        last = max(math.ceil((self.duration_nimg - seen) / self.images_per_step[-1]), 0)
-        return [*bounds, (bounds[-1] if bounds else 0) + last]
-
-    @property
-    def expected_images(self) -> float:
-        s = self.schedule
-        if s.kind == "stochastic":
-            return sum(p * n for p, n in zip(s.probs, self.images_per_step, strict=True))
-        return float(self.images_per_step[-1])
-
-    @property
-    def finish_step(self) -> int | None:
-        """--finish-full: the first step of the whole-image finish, which trains on the last share
-        `finish_full` of the images (None without one). It follows the duration, as the total does."""
-        if self.schedule.kind != "stochastic" or self.schedule.finish_full <= 0:
-            return None
-        return math.ceil((1.0 - self.schedule.finish_full) * self.duration_nimg / self.expected_images)
-
-    @property
-    def total_steps(self) -> int:
-        if self.phased:
-            return self.phase_bounds[-1]
-        finish = self.finish_step
-        if finish is not None:
-            rest = self.duration_nimg - finish * self.expected_images
-            return max(1, finish + max(math.ceil(rest / self.images_per_step[-1]), 0))
-        return max(1, math.ceil(self.duration_nimg / self.expected_images))
-
-    def size_index(self, step: int) -> int:
-        if self.phased:
-            return min(bisect.bisect_right(self.phase_bounds, step), len(self.images_per_step) - 1)
-        finish = self.finish_step
-        if finish is not None and step >= finish:
-            return len(self.images_per_step) - 1
-        return self.schedule.size_index(self.seed, step, 0.0)
-
-    def nimg(self, step: int) -> float:
-        """Images seen (paper count) after `step` steps."""
-        finish = self.finish_step
-        if finish is not None:
-            return min(step, finish) * self.expected_images + max(step - finish, 0) * self.images_per_step[-1]
-        if not self.phased:
-            return step * self.expected_images
-        total, start = 0.0, 0
-        for bound, n in zip(self.phase_bounds, self.images_per_step, strict=True):
-            total += (min(step, bound) - start) * n if step > start else 0
-            start = bound
-        return total
-
-
 def clock(plan: StepPlan, step: int, unit: str, batch: int) -> tuple[float, float]:
     """(images before `step`, images in it) as the learning-rate warm-up and the EMA count them: images
     seen (the paper's count), or with unit "steps" steps x `batch` (full-size images per step), so that
@@ -248,7 +156,8 @@ class StreamSampler(torch.utils.data.Sampler):
     """A batch sampler for DataLoader: yields this process's list of `CropKey`s for each accumulation
     round (the images of the stream, each with its crop of the step's size), for a `CropDataset`.
 
-    It starts at `step` and stream position `position` (both from the training state)."""
+    It starts at `step` and stream position `position` (both from the training state); `augment` is
+    --augment's probability of each geometric transform (0 = none)."""
 
     def __init__(
         self,
@@ -260,9 +169,11 @@ class StreamSampler(torch.utils.data.Sampler):
         world: int,
         step: int = 0,
         position: int = 0,
+        augment: float = 0.0,
     ):
         self.n, self.plan, self.batch_gpu, self.rounds = dataset_len, plan, batch_gpu, rounds
         self.rank, self.world, self.step, self.position = rank, world, step, position
+        self.augment = augment
         self._epoch, self._perm = -1, None
 
     def _indices(self, start: int, count: int) -> list[int]:
@@ -284,8 +195,8 @@ class StreamSampler(torch.utils.data.Sampler):
                 images = self._indices(pos + self.rank * n, n)
                 offsets = crop_offsets(self.plan.seed, self.rank, step, r, n, schedule.image_size, (h, w))
                 keys = [CropKey(i, t, l, h, w) for i, (t, l) in zip(images, offsets.tolist(), strict=True)]
-                if self.plan.augment > 0:
-                    p, full = self.plan.augment, schedule.image_size
+                if self.augment > 0:
+                    p, full = self.augment, schedule.image_size
                     params = augment_params(self.plan.seed, self.rank, step, r, n, p, full)
                     keys = [k._replace(augment=tuple(q)) for k, q in zip(keys, params.tolist(), strict=True)]
                 yield keys
