@@ -426,6 +426,36 @@ def contention_note(threads: int, load: float) -> str | None:
     return None
 
 
+def print_profile(setup: Setup, args: argparse.Namespace, opts: dict) -> None:
+    """--profile-steps: each crop size of the patch schedule timed alone, beside the loader's rate."""
+    rows = profile_sizes(setup, args.profile_steps)
+    full_size, full_n, full_t = rows[-1]
+    # The loader decodes full-size images whatever the crop (it collates only the crops, which costs
+    # less): a 16x16 step needs R/16 = 4x as many.
+    pixels = setup.cfgs["full"].network.img_channels == 3
+    loader = loader_rate(opts["resolution"], args.loader_workers, rows[0][1]) if pixels else math.nan
+    print()
+    print(
+        f"{'crop':>7}{'images':>8}{'ms/step':>10}{'images/s':>10}{'px rate vs full':>17}"
+        f"{'loader images/s':>17}{'loader/step':>13}"
+    )
+    for size, n, t in rows:
+        px_rate = (n * size * size / t) / (full_n * full_size * full_size / full_t)
+        print(
+            f"{f'{size}x{size}':>7}{n:>8}{t * 1e3:>10.1f}{n / t:>10.2f}{px_rate:>17.2f}"
+            f"{loader:>17.1f}{loader / (n / t):>13.2f}"
+        )
+    print(
+        f"loader images/s: the data path alone ({args.loader_workers} workers, uint8 {opts['resolution']}px "
+        "images, cached); loader/step > 1 means the loader keeps up"
+    )
+    probs = setup.schedules["patch"].probs
+    expected = sum(p * n for p, (_, n, _) in zip(probs, rows, strict=True)) / sum(
+        p * t for p, (_, _, t) in zip(probs, rows, strict=True)
+    )
+    print(f"ratio from per-size times at the schedule's probabilities: {expected / (full_n / full_t):.2f}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -476,34 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     if args.profile_steps:
-        rows = profile_sizes(setup, args.profile_steps)
-        full_size, full_n, full_t = rows[-1]
-        # The loader decodes full-size images whatever the crop (it collates only the crops, which costs
-        # less): a 16x16 step needs R/16 = 4x as many.
-        pixels = setup.cfgs["full"].network.img_channels == 3
-        loader = loader_rate(opts["resolution"], args.loader_workers, rows[0][1]) if pixels else math.nan
-        print()
-        print(
-            f"{'crop':>7}{'images':>8}{'ms/step':>10}{'images/s':>10}{'px rate vs full':>17}"
-            f"{'loader images/s':>17}{'loader/step':>13}"
-        )
-        for size, n, t in rows:
-            px_rate = (n * size * size / t) / (full_n * full_size * full_size / full_t)
-            print(
-                f"{f'{size}x{size}':>7}{n:>8}{t * 1e3:>10.1f}{n / t:>10.2f}{px_rate:>17.2f}"
-                f"{loader:>17.1f}{loader / (n / t):>13.2f}"
-            )
-        print(
-            f"loader images/s: the data path alone ({args.loader_workers} workers, uint8 {opts['resolution']}px "
-            "images, cached); loader/step > 1 means the loader keeps up"
-        )
-        probs = setup.schedules["patch"].probs
-        expected = sum(p * n for p, (_, n, _) in zip(probs, rows, strict=True)) / sum(
-            p * t for p, (_, _, t) in zip(probs, rows, strict=True)
-        )
-        print(
-            f"ratio from per-size times at the schedule's probabilities: {expected / (full_n / full_t):.2f}"
-        )
+        print_profile(setup, args, opts)
 
     ratio = (tallies["patch"].images / tallies["patch"].seconds) / (
         tallies["full"].images / tallies["full"].seconds
