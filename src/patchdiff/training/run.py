@@ -41,11 +41,11 @@ from patchdiff.training.ema import ema_beta, update_ema
 from patchdiff.training.faults import Faults
 from patchdiff.training.lock import RunLock
 from patchdiff.training.mfu import achieved, flops_by_crop
-from patchdiff.training.optim import isqrt_decay, make_adam
+from patchdiff.training.optim import lr_at, make_adam
 from patchdiff.training.posthoc_ema import PowerEMA, snapshot_name
 from patchdiff.training.setup import Setup, load_init_weights, new_run_dir
 from patchdiff.training.signals import RunInterruptedError, StopRequests, ignore_stop_signals, signal_name
-from patchdiff.training.stream import CropDataset, StreamSampler, clock, lr_factor, step_seed
+from patchdiff.training.stream import CropDataset, StreamSampler, clock, step_seed
 
 
 class NonFiniteLossError(RuntimeError):
@@ -295,11 +295,9 @@ class Run:
         crop = self.schedule.crop_shape(index)
         torch.manual_seed(step_seed(cfg.seed, self.rank, step))  # sigma, noise, latents, dropout of this step
         counted, counted_step = clock(plan, step, cfg.ema_unit, cfg.batch)  # images, or steps x --batch
-        factor = lr_factor(
-            counted, step, plan.total_steps, cfg.lr_rampup_kimg * 1000, cfg.lr_cooldown, cfg.lr_cooldown_shape
-        )
+        lr = lr_at(counted, step, plan.total_steps, cfg)
         for group in self.optimizer.param_groups:
-            group["lr"] = cfg.lr * factor * isqrt_decay(counted, cfg)
+            group["lr"] = lr
         rounds_data = (next(self.batches) for _ in range(self.rounds))
         size = str(self.schedule.sizes[index])
         first = self.compile_s is not None and size not in self.compile_s
