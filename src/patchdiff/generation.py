@@ -199,25 +199,8 @@ def iter_images(
     for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress):
         gens = [torch.Generator().manual_seed(int(s)) for s in batch]
         noise = torch.stack([torch.randn(C, H, W, generator=g) for g in gens]).to(model.device)
-        onehot = None
-        if model.label_dim:
-            labels = [
-                class_label
-                if class_label is not None
-                else int(torch.randint(model.label_dim, (), generator=g))
-                for g in gens
-            ]
-            onehot = (
-                torch.nn.functional.one_hot(torch.tensor(labels), model.label_dim).float().to(model.device)
-            )
-        if canvas.is_frame:  # the network's own default grid: exactly the sampling of the training frame
-            D = conditioned_denoiser(model, onehot, cfg_scale)
-        else:
-            D = canvas_denoiser(
-                canvas,
-                lambda coords, y=onehot: conditioned_denoiser(model, y, cfg_scale, coords),
-                model.device,
-            )
+        onehot = _batch_labels(model, gens, class_label)  # drawn after the noise, from the same generators
+        D = _batch_denoiser(model, canvas, onehot, cfg_scale)
         if kept is not None:
             D = inpainting_denoiser(D, kept[0], kept[1], gens, known.rounds)
         x = SAMPLERS[sampler](
@@ -233,16 +216,46 @@ def iter_images(
             S_noise=S_noise,
             generator=gens,
         )
-        if not torch.isfinite(x).all():  # one sync per batch; never write black images as if all went well
-            raise RuntimeError(
-                f"sampling gave NaN or infinity for seeds {batch[0]}..{batch[-1]}; the model or the sampler "
-                "settings (--steps, --S-churn, --cfg) are unstable, so no images were written for them"
-            )
-        if kept is None:
-            yield batch, to_uint8(decode_to_pixels(model, x))
-            continue
-        pixels = decode_to_pixels(model, paste_known(x, kept[0], kept[1]))
-        yield batch, to_uint8(paste_known(pixels, kept[2], kept[3]))
+        yield batch, _to_images(model, x, batch, kept)
+
+
+def _batch_labels(model: Model, gens: list[torch.Generator], class_label: int | None) -> torch.Tensor | None:
+    """One-hot labels [N, classes] of a batch: `class_label` for every image, else each seed's draw
+    (None for an unconditional model)."""
+    if not model.label_dim:
+        return None
+    labels = [
+        class_label if class_label is not None else int(torch.randint(model.label_dim, (), generator=g))
+        for g in gens
+    ]
+    return torch.nn.functional.one_hot(torch.tensor(labels), model.label_dim).float().to(model.device)
+
+
+def _batch_denoiser(
+    model: Model, canvas: Canvas, onehot: torch.Tensor | None, cfg_scale: float
+) -> DenoiserFn:
+    """The (guided) denoiser of a batch on its canvas."""
+    if canvas.is_frame:  # the network's own default grid: exactly the sampling of the training frame
+        return conditioned_denoiser(model, onehot, cfg_scale)
+    return canvas_denoiser(
+        canvas,
+        lambda coords, y=onehot: conditioned_denoiser(model, y, cfg_scale, coords),
+        model.device,
+    )
+
+
+def _to_images(model: Model, x: torch.Tensor, batch: list[int], kept) -> torch.Tensor:
+    """uint8 images of the samples `x` (decoded from latents; the known pixels pasted back when in- or
+    out-painting); refuses samples that are not finite."""
+    if not torch.isfinite(x).all():  # one sync per batch; never write black images as if all went well
+        raise RuntimeError(
+            f"sampling gave NaN or infinity for seeds {batch[0]}..{batch[-1]}; the model or the sampler "
+            "settings (--steps, --S-churn, --cfg) are unstable, so no images were written for them"
+        )
+    if kept is None:
+        return to_uint8(decode_to_pixels(model, x))
+    pixels = decode_to_pixels(model, paste_known(x, kept[0], kept[1]))
+    return to_uint8(paste_known(pixels, kept[2], kept[3]))
 
 
 def conditioned_denoiser(

@@ -192,16 +192,16 @@ def test_ema_command_reconstructs_snapshots(landscapes, tmp_path, capsys):
 def test_lr_schedule_and_cli_defaults(landscapes, tmp_path):
     from patchdiff.cli import build_parser
     from patchdiff.cli.train import config_from_args
-    from patchdiff.training.optim import learning_rate
+    from patchdiff.training.optim import lr_at
 
     cfg = dataclasses.replace(edm2_config(landscapes, tmp_path), lr=0.01, lr_rampup_kimg=1.0, lr_ref_kimg=4.0)
-    assert learning_rate(500, cfg) == pytest.approx(0.005)  # warm-up
-    assert learning_rate(3000, cfg) == pytest.approx(0.01)  # before t_ref
-    assert learning_rate(16000, cfg) == pytest.approx(0.005)  # 1 / sqrt(16 / 4)
+    assert lr_at(500, 0, 1, cfg) == pytest.approx(0.005)  # warm-up
+    assert lr_at(3000, 0, 1, cfg) == pytest.approx(0.01)  # before t_ref
+    assert lr_at(16000, 0, 1, cfg) == pytest.approx(0.005)  # 1 / sqrt(16 / 4)
     flat = dataclasses.replace(cfg, lr_schedule="rampup")
-    assert learning_rate(16000, flat) == pytest.approx(0.01)
+    assert lr_at(16000, 0, 1, flat) == pytest.approx(0.01)
     default_ref = dataclasses.replace(cfg, lr_ref_kimg=0.0, batch=10, lr_rampup_kimg=0.0)
-    assert learning_rate(4 * 70_000 * 10, default_ref) == pytest.approx(0.005)  # t_ref = 70k steps
+    assert lr_at(4 * 70_000 * 10, 0, 1, default_ref) == pytest.approx(0.005)  # t_ref = 70k steps
 
     base = ["train", "--data", str(landscapes), "--outdir", str(tmp_path)]
     edm2 = config_from_args(build_parser().parse_args([*base, "--arch", "edm2", "--edm2-size", "tiny"]))

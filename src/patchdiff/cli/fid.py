@@ -43,6 +43,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Compute reference statistics of a data set (ref) or score images or a model against "
         "them (calc). Reference files use EDM's .npz layout (mu, sigma), so EDM's published ones work.",
     )
+    common = _common_flags()
+    sub = p.add_subparsers(dest="fid_command", metavar="{ref,calc}", required=True)
+    _add_ref(sub, common)
+    _add_calc(sub, common)
+    p.set_defaults(func=run)
+
+
+def _common_flags() -> argparse.ArgumentParser:
+    """The detector, batch, worker, device and progress flags of both sub-commands."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--detector",
@@ -61,8 +70,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     common.add_argument("--workers", type=int, default=2, help="image decoding processes")
     common.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     common.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    return common
 
-    sub = p.add_subparsers(dest="fid_command", metavar="{ref,calc}", required=True)
+
+def _add_ref(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     ref = sub.add_parser(
         "ref",
         parents=[common],
@@ -79,6 +90,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="random features stored for KID (0: none; 5000 x 2048 float32 = 41 MB)",
     )
 
+
+def _add_calc(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     calc = sub.add_parser(
         "calc",
         parents=[common],
@@ -118,7 +131,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     # With --model: the same sampler flags and presets as `generate` (--class: the class of every image).
     add_sampler_flags(calc, batch_and_device=False)
     add_preset_flag(calc, SAMPLER_PRESETS)
-    p.set_defaults(func=run)
 
 
 def _load_detector(args: argparse.Namespace, device: torch.device) -> Detector:

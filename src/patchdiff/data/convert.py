@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -273,6 +273,49 @@ def convert_dataset(
     skip_bad: skip unreadable images (counted in the summary) instead of stopping at the first.
     """
     dest_path = Path(dest)
+    _check_convert_args(resolution, transform, max_images, channels)
+    src = open_source(source, class_folders, image_column, label_column)
+    if len(src) == 0:
+        raise ValueError(
+            f"--source {source} holds no images (.png, .jpg, .jpeg, .webp); point it at your images"
+        )
+    _check_dest(dest_path, Path(source))
+
+    skipped: list[str] = []
+    total = len(src) if max_images is None else min(len(src), max_images)
+    items = src.items((lambda name, error: skipped.append(name)) if skip_bad else None)
+    made = [p for p in (dest_path.parent, *dest_path.parent.parents) if not p.exists()]  # deepest first
+    writer: _Writer | None = None
+    try:
+        writer = _open_writer(dest)
+        with contextlib.closing(items), tqdm(total=total, unit="img", disable=not progress) as bar:
+            images = _write_images(writer, items, resolution, transform, channels, max_images, bar)
+        if images.count == 0:
+            raise ValueError(f"--source {source}: no readable images found")
+        if src.num_classes:
+            meta = {"labels": images.labels, "num_classes": src.num_classes}
+            writer.write(LABELS_FILE, json.dumps(meta).encode())
+        writer.commit()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        _remove_empty(made)  # a failed run leaves no trace, not even DEST's new parent folders
+        raise
+    assert images.shape is not None and images.channels is not None
+    return ConvertSummary(
+        count=images.count,
+        skipped=len(skipped),
+        skipped_names=tuple(skipped[:SKIPPED_LISTED]),
+        resolution=(int(images.shape[0]), int(images.shape[1])),
+        channels=images.channels,
+        num_classes=src.num_classes,
+        dest=str(dest_path),
+    )
+
+
+def _check_convert_args(
+    resolution: tuple[int, int] | None, transform: str | None, max_images: int | None, channels: int | None
+) -> None:
     if max_images is not None and max_images < 1:
         raise ValueError(f"--max-images must be at least 1, got {max_images}")
     if channels not in (None, 1, 3):
@@ -281,65 +324,55 @@ def convert_dataset(
         raise ValueError(f"--transform {transform} needs --resolution HxW")
     if resolution is not None:
         check_resolution(resolution)
-    src = open_source(source, class_folders, image_column, label_column)
-    if len(src) == 0:
-        raise ValueError(
-            f"--source {source} holds no images (.png, .jpg, .jpeg, .webp); point it at your images"
-        )
-    _check_dest(dest_path, Path(source))
 
-    forced_channels = channels is not None
-    skipped: list[str] = []
-    labels: list[list[object]] = []
-    shape: tuple[int, int] | None = resolution
-    first_name = ""
-    count = 0
-    total = len(src) if max_images is None else min(len(src), max_images)
-    items = src.items((lambda name, error: skipped.append(name)) if skip_bad else None)
-    made = [p for p in (dest_path.parent, *dest_path.parent.parents) if not p.exists()]  # deepest first
-    writer: _Writer | None = None
+
+def _open_writer(dest: str | os.PathLike) -> _Writer:
     try:
-        try:
-            dest_path.parent.mkdir(parents=True, exist_ok=True)
-            writer = _Writer(dest_path)
-        except OSError as error:
-            raise ValueError(
-                f"--dest {dest}: cannot write there ({error.strerror or error}); choose another --dest"
-            ) from None
-        with contextlib.closing(items), tqdm(total=total, unit="img", disable=not progress) as bar:
-            for name, image, label in items:
-                image = fit_image(image, resolution, transform, name)
-                channels = channels or (1 if image.ndim == 2 else 3)
-                image = _match_channels(image, channels, forced_channels, name)
-                if shape is None:
-                    shape, first_name = image.shape[:2], name
-                _check_size(image, shape, name, first_name)
-                archive_name = f"{count // 1000:05d}/img{count:08d}.png"
-                writer.write(archive_name, encode_png(image))
-                if label is not None:
-                    labels.append([archive_name, label])
-                count += 1
-                bar.update(1)
-                if count == max_images:
-                    break
-        if count == 0:
-            raise ValueError(f"--source {source}: no readable images found")
-        if src.num_classes:
-            meta = {"labels": labels, "num_classes": src.num_classes}
-            writer.write(LABELS_FILE, json.dumps(meta).encode())
-        writer.commit()
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        _remove_empty(made)  # a failed run leaves no trace, not even DEST's new parent folders
-        raise
-    assert shape is not None and channels is not None
-    return ConvertSummary(
-        count=count,
-        skipped=len(skipped),
-        skipped_names=tuple(skipped[:SKIPPED_LISTED]),
-        resolution=(int(shape[0]), int(shape[1])),
-        channels=channels,
-        num_classes=src.num_classes,
-        dest=str(dest_path),
-    )
+        Path(dest).parent.mkdir(parents=True, exist_ok=True)
+        return _Writer(Path(dest))
+    except OSError as error:
+        raise ValueError(
+            f"--dest {dest}: cannot write there ({error.strerror or error}); choose another --dest"
+        ) from None
+
+
+@dataclass
+class _Written:
+    """What `_write_images` wrote: the count, [archive name, label] pairs, the size and channels."""
+
+    count: int = 0
+    labels: list[list[object]] = field(default_factory=list)
+    shape: tuple[int, int] | None = None
+    channels: int | None = None
+
+
+def _write_images(
+    writer: _Writer,
+    items,
+    resolution: tuple[int, int] | None,
+    transform: str | None,
+    channels: int | None,
+    max_images: int | None,
+    bar,
+) -> _Written:
+    """Fit each image to the size and channels, check it against the first one, and write it as a PNG
+    (at most `max_images`)."""
+    done = _Written(shape=resolution, channels=channels)
+    forced_channels = channels is not None
+    first_name = ""
+    for name, image, label in items:
+        image = fit_image(image, resolution, transform, name)
+        done.channels = done.channels or (1 if image.ndim == 2 else 3)
+        image = _match_channels(image, done.channels, forced_channels, name)
+        if done.shape is None:
+            done.shape, first_name = image.shape[:2], name
+        _check_size(image, done.shape, name, first_name)
+        archive_name = f"{done.count // 1000:05d}/img{done.count:08d}.png"
+        writer.write(archive_name, encode_png(image))
+        if label is not None:
+            done.labels.append([archive_name, label])
+        done.count += 1
+        bar.update(1)
+        if done.count == max_images:
+            break
+    return done

@@ -228,14 +228,7 @@ def encode_dataset(
     """Resize/crop images as `patchdiff dataset` does, encode them with `vae` (a latent.VAE) and write a
     latent set to the folder `dest`. Started again after an interruption, it skips finished shards."""
     dest = Path(dest)
-    if dest.suffix.lower() == ".zip":
-        raise ValueError(f"--dest {dest}: a latent set is a folder; drop the .zip")
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise ValueError(f"--dest {dest} already exists; remove it or choose another --dest")
-    if max_images is not None and max_images < 1:
-        raise ValueError(f"--max-images must be at least 1, got {max_images}")
-    if shard_size < 1 or batch < 1:
-        raise ValueError(f"--shard-size ({shard_size}) and --vae-batch ({batch}) must be at least 1")
+    _check_encode_args(dest, max_images, shard_size, batch)
     src = open_source(source, class_folders, image_column, label_column)
     work = dest.with_name(dest.name + PARTIAL)
     settings = dict(
@@ -249,6 +242,45 @@ def encode_dataset(
         shard_size=shard_size,
         max_images=max_images,  # the last shard's length depends on it
     )
+    _start_work(work, settings)
+    skipped: list[str] = []
+    items = src.items((lambda name, error: skipped.append(name)) if skip_bad else None)
+    total = len(src) if max_images is None else min(len(src), max_images)
+    writer = _ShardWriter(work, vae, batch, resolution, transform)
+    with tqdm(total=total, unit="img", desc="encode", disable=not progress) as bar:
+        count = writer.write_all(items, shard_size, max_images, bar)
+    if count == 0:
+        raise ValueError(f"--source {source}: no readable images found")
+    meta = _commit(work, dest, writer.shard, vae, src.num_classes)
+    preview_path = dest.with_name(dest.name + "-preview.png")
+    if preview:
+        write_preview(LatentDataset(dest), vae, preview_path, preview)
+    return LatentSummary(
+        count=count,
+        resumed=writer.resumed,
+        skipped=len(skipped),
+        pixel_size=tuple(meta["pixel_size"]),
+        latent_shape=(meta["latent_channels"], *meta["latent_size"]),
+        num_classes=src.num_classes,
+        dest=str(dest),
+        preview=str(preview_path) if preview else "none",
+    )
+
+
+def _check_encode_args(dest: Path, max_images: int | None, shard_size: int, batch: int) -> None:
+    if dest.suffix.lower() == ".zip":
+        raise ValueError(f"--dest {dest}: a latent set is a folder; drop the .zip")
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise ValueError(f"--dest {dest} already exists; remove it or choose another --dest")
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"--max-images must be at least 1, got {max_images}")
+    if shard_size < 1 or batch < 1:
+        raise ValueError(f"--shard-size ({shard_size}) and --vae-batch ({batch}) must be at least 1")
+
+
+def _start_work(work: Path, settings: dict[str, Any]) -> None:
+    """DEST.partial with `settings` recorded: an interrupted run's shards are kept if its settings were
+    the same, refused if not; a folder without finished shards starts over."""
     started = work / "settings.json"
     finished = list(work.glob("shard-*.json")) if work.is_dir() else []
     if finished and started.is_file() and json.loads(started.read_text()) != settings:
@@ -261,85 +293,91 @@ def encode_dataset(
     work.mkdir(parents=True, exist_ok=True)
     _atomic(started, lambda f: f.write(json.dumps(settings).encode()))
 
-    total = len(src) if max_images is None else min(len(src), max_images)
-    skipped: list[str] = []
-    buffer: list[tuple[str, np.ndarray, int | None]] = []
-    count = resumed = shard = 0
-    pixel_size: tuple[int, int] | None = None
 
-    def flush() -> None:
-        nonlocal shard
+class _ShardWriter:
+    """Encodes images shard by shard into DEST.partial: `shard` is the index of the shard being filled,
+    whose images wait in `buffer`; shards an earlier run finished are skipped (counted in `resumed`)."""
+
+    def __init__(self, work: Path, vae: Any, batch: int, resolution, transform) -> None:
+        self.work, self.vae, self.batch = work, vae, batch
+        self.resolution, self.transform = resolution, transform
+        self.buffer: list[tuple[str, np.ndarray, int | None]] = []
+        self.shard = self.resumed = 0
+        self.pixel_size: tuple[int, int] | None = None
+
+    def write_all(self, items, shard_size: int, max_images: int | None, bar) -> int:
+        """Encode `items` (name, image, label) in shards of `shard_size`; returns the images counted."""
+        count = 0
+        for name, image, label in items:
+            if (self.work / f"shard-{self.shard:05d}.json").is_file():
+                self.resumed += 1
+            else:
+                self.add(name, image, label)
+            count += 1
+            bar.update(1)
+            last = count == max_images
+            if count % shard_size == 0 or last:
+                self.close_shard()
+            if last:
+                break
+        if count % shard_size and count != max_images:  # the last, short shard
+            self.close_shard()
+        return count
+
+    def add(self, name: str, image: np.ndarray, label: int | None) -> None:
+        image = _to_rgb(fit_image(image, self.resolution, self.transform, name))
+        if self.pixel_size is None:  # the first image's, which the VAE must be able to encode
+            self.pixel_size = _check_pixel_size(image.shape[:2], self.vae.factor)
+        pixel_size = self.pixel_size
+        if image.shape[:2] != pixel_size:  # only possible without --resolution
+            raise ValueError(
+                f"{name} is {image.shape[0]}x{image.shape[1]} but earlier images are "
+                f"{pixel_size[0]}x{pixel_size[1]}; pass --resolution HxW (and --transform)"
+            )
+        self.buffer.append((name, image, label))
+
+    def close_shard(self) -> None:
+        if self.buffer:
+            self.flush()
+        self.shard += 1
+
+    def flush(self) -> None:
+        """Encode the buffered images and write the shard: its .npy, then its .json, which commits it."""
+        buffer, batch = self.buffer, self.batch
         images = torch.from_numpy(np.stack([image for _, image, _ in buffer])).permute(0, 3, 1, 2)
         mean, std = zip(
-            *(vae.encode(images[i : i + batch]) for i in range(0, len(images), batch)), strict=True
+            *(self.vae.encode(images[i : i + batch]) for i in range(0, len(images), batch)), strict=True
         )
         mean, std = torch.cat(mean).double(), torch.cat(std).double()
         array = torch.stack([mean, std], dim=1).to(torch.float16).numpy()
-        name = f"shard-{shard:05d}"
-        _atomic(work / f"{name}.npy", lambda f: np.save(f, array, allow_pickle=False))
+        name = f"shard-{self.shard:05d}"
+        _atomic(self.work / f"{name}.npy", lambda f: np.save(f, array, allow_pickle=False))
         record = dict(
             file=f"{name}.npy",
             count=len(buffer),
             names=[n for n, _, _ in buffer],
             labels=[label for _, _, label in buffer],
-            pixel_size=list(pixel_size),
+            pixel_size=list(self.pixel_size),
             sum=mean.sum(dim=(0, 2, 3)).tolist(),  # moments of z = mean + std * eps, exactly
             sum_sq=(mean**2 + std**2).sum(dim=(0, 2, 3)).tolist(),
             per_channel=int(mean.shape[0] * mean.shape[2] * mean.shape[3]),
         )
-        _atomic(work / f"{name}.json", lambda f: f.write(json.dumps(record).encode()))  # commits the shard
+        _atomic(
+            self.work / f"{name}.json", lambda f: f.write(json.dumps(record).encode())
+        )  # commits the shard
         buffer.clear()
 
-    items = src.items((lambda name, error: skipped.append(name)) if skip_bad else None)
-    with tqdm(total=total, unit="img", desc="encode", disable=not progress) as bar:
-        for name, image, label in items:
-            done = (work / f"shard-{shard:05d}.json").is_file()
-            if not done:
-                image = _to_rgb(fit_image(image, resolution, transform, name))
-                pixel_size = pixel_size or _check_pixel_size(image.shape[:2], vae.factor)
-                if image.shape[:2] != pixel_size:  # only possible without --resolution
-                    raise ValueError(
-                        f"{name} is {image.shape[0]}x{image.shape[1]} but earlier images are "
-                        f"{pixel_size[0]}x{pixel_size[1]}; pass --resolution HxW (and --transform)"
-                    )
-                buffer.append((name, image, label))
-            else:
-                resumed += 1
-            count += 1
-            bar.update(1)
-            last = count == max_images
-            if count % shard_size == 0 or last:
-                if buffer:
-                    flush()
-                shard += 1
-            if last:
-                break
-        if count % shard_size and count != max_images:  # the last, short shard
-            if buffer:
-                flush()
-            shard += 1
-    if count == 0:
-        raise ValueError(f"--source {source}: no readable images found")
-    records = [json.loads((work / f"shard-{i:05d}.json").read_text()) for i in range(shard)]
-    meta = _finish_meta(records, vae, src.num_classes)
+
+def _commit(work: Path, dest: Path, shards: int, vae: Any, num_classes: int) -> dict[str, Any]:
+    """Write dataset.json from the shards' records and rename DEST.partial to DEST; returns the meta."""
+    records = [json.loads((work / f"shard-{i:05d}.json").read_text()) for i in range(shards)]
+    meta = _finish_meta(records, vae, num_classes)
     _atomic(work / LABELS_FILE, lambda f: f.write(json.dumps(meta).encode()))
-    started.unlink()
+    (work / "settings.json").unlink()
     if dest.is_dir():
         dest.rmdir()  # checked empty above
     os.replace(work, dest)
-    preview_path = dest.with_name(dest.name + "-preview.png")
-    if preview:
-        write_preview(LatentDataset(dest), vae, preview_path, preview)
-    return LatentSummary(
-        count=count,
-        resumed=resumed,
-        skipped=len(skipped),
-        pixel_size=tuple(meta["pixel_size"]),
-        latent_shape=(meta["latent_channels"], *meta["latent_size"]),
-        num_classes=src.num_classes,
-        dest=str(dest),
-        preview=str(preview_path) if preview else "none",
-    )
+    return meta
 
 
 def _check_pixel_size(size: tuple[int, ...], factor: int) -> tuple[int, int]:

@@ -73,15 +73,19 @@ class SongUNet(nn.Module):
         self.cfg = cfg
         self.resample_filter = resample_filter
         self.dropout = cfg.dropout
-        mc, L = cfg.model_channels, len(cfg.channel_mult)
-        noise_channels = mc * noise_channel_mult
-        self.emb_channels = emb_channels = 4 * mc
-        attn = attention_levels(cfg)
-
+        self.emb_channels = 4 * cfg.model_channels
         if encoder not in ("standard", "residual"):
             raise ValueError(f"unknown encoder {encoder!r}; choose standard or residual")
+        # In the order of the layout above: parameters are created, and initialised from the RNG, in it.
+        self._build_embedding(embedding, cfg.model_channels * noise_channel_mult)
+        c, skips = self._build_encoder(residual=encoder == "residual")
+        c = self._build_decoder(c, skips)
+        self.out_norm = group_norm(c, EPS)
+        self.out_conv = conv(c, cfg.img_channels, 3, INIT, ZERO_INIT)
 
-        # Noise (and label) embedding.
+    def _build_embedding(self, embedding: Embedding, noise_channels: int) -> None:
+        """The noise embedding, the label and augmentation maps and the two-layer MLP."""
+        cfg = self.cfg
         if embedding == "positional":
             self.map_noise: nn.Module = PositionalEmbedding(noise_channels, endpoint=cfg.edm_noise_endpoint)
         elif embedding == "fourier":
@@ -96,15 +100,18 @@ class SongUNet(nn.Module):
         # Augmentation labels (--augment, augment.py): a linear map without bias, so the zero label of
         # sampling (no transform) adds nothing.
         self.map_augment = augment_map(cfg.augment_dim, noise_channels)
-        self.map_layer0 = linear(noise_channels, emb_channels, INIT)
-        self.map_layer1 = linear(emb_channels, emb_channels, INIT)
+        self.map_layer0 = linear(noise_channels, self.emb_channels, INIT)
+        self.map_layer1 = linear(self.emb_channels, self.emb_channels, INIT)
 
-        # Encoder. `skips` tracks the channels of every tensor handed to the decoder.
+    def _build_encoder(self, residual: bool) -> tuple[int, list[int]]:
+        """The encoder (with NCSN++'s progressive input path when `residual`); returns its output
+        channels and the channels of every tensor it hands to the decoder."""
+        cfg, mc, attn = self.cfg, self.cfg.model_channels, attention_levels(self.cfg)
         c = mc
         self.enc_conv = conv(cfg.in_channels, c, 3, INIT)
         skips = [c]
         self.enc = nn.ModuleList()
-        self.enc_aux = nn.ModuleList() if encoder == "residual" else None
+        self.enc_aux = nn.ModuleList() if residual else None
         c_aux = cfg.in_channels
         for level, mult in enumerate(cfg.channel_mult):
             blocks = nn.ModuleList()
@@ -114,10 +121,10 @@ class SongUNet(nn.Module):
                 if self.enc_aux is not None:
                     # Progressive input: the previous level's output, downsampled and projected.
                     if cfg.edm_aux_conv_first:
-                        self.enc_aux.append(ConvDown(c_aux, c, resample_filter))
+                        self.enc_aux.append(ConvDown(c_aux, c, self.resample_filter))
                     else:
                         self.enc_aux.append(
-                            nn.Sequential(Resample("down", resample_filter), conv(c_aux, c, 3, INIT))
+                            nn.Sequential(Resample("down", self.resample_filter), conv(c_aux, c, 3, INIT))
                         )
                     c_aux = c
             for _ in range(cfg.num_blocks):
@@ -125,8 +132,12 @@ class SongUNet(nn.Module):
                 c = mc * mult
                 skips.append(c)
             self.enc.append(blocks)
+        return c, skips
 
-        # Bottom, then the decoder from the bottom level up.
+    def _build_decoder(self, c: int, skips: list[int]) -> int:
+        """The bottom, then the decoder from the bottom level up; returns its output channels."""
+        cfg, mc, attn = self.cfg, self.cfg.model_channels, attention_levels(self.cfg)
+        L = len(cfg.channel_mult)
         self.mid = nn.ModuleList([self._block(c, c, attention=True), self._block(c, c)])
         self.up = nn.ModuleList()
         self.dec = nn.ModuleList()
@@ -140,8 +151,7 @@ class SongUNet(nn.Module):
                 blocks.append(self._block(c + skips.pop(), c_out, attention=last and level in attn))
                 c = c_out
             self.dec.append(blocks)
-        self.out_norm = group_norm(c, EPS)
-        self.out_conv = conv(c, cfg.img_channels, 3, INIT, ZERO_INIT)
+        return c
 
     def _block(
         self, c_in: int, c_out: int, resample: ResampleMode = "none", attention: bool = False

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import torch
 
 from patchdiff.config import TrainConfig
+from patchdiff.training.stream import lr_factor
 
 ISQRT_REF_STEPS = 70_000  # EDM2's t_ref in steps (Karras et al. 2024, Table 1)
 
@@ -22,12 +23,15 @@ def make_adam(params: Iterable[torch.nn.Parameter], lr: float, device: torch.dev
     return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
 
 
-def learning_rate(images_seen: float, cfg: TrainConfig) -> float:
-    """The learning rate after `images_seen` images: a linear warm-up over lr_rampup_kimg, then constant
-    ("rampup") or EDM2's inverse square-root decay lr / sqrt(max(t / t_ref, 1)) ("isqrt", Eq. 7)."""
-    return (
-        cfg.lr * min(images_seen / max(cfg.lr_rampup_kimg * 1000, 1e-8), 1.0) * isqrt_decay(images_seen, cfg)
+def lr_at(counted: float, step: int, total_steps: int, cfg: TrainConfig) -> float:
+    """The learning rate of `step` of `total_steps`, `counted` images into training (`stream.clock`:
+    images seen, or steps x --batch with --ema-unit steps): cfg.lr times the linear warm-up over
+    lr_rampup_kimg and the --lr-cooldown decay to 0 over the last steps (`stream.lr_factor`), times
+    EDM2's inverse square-root decay ("isqrt", Eq. 7; 1 for "rampup")."""
+    factor = lr_factor(
+        counted, step, total_steps, cfg.lr_rampup_kimg * 1000, cfg.lr_cooldown, cfg.lr_cooldown_shape
     )
+    return cfg.lr * factor * isqrt_decay(counted, cfg)
 
 
 def isqrt_decay(images_seen: float, cfg: TrainConfig) -> float:

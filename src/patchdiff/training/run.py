@@ -41,11 +41,11 @@ from patchdiff.training.ema import ema_beta, update_ema
 from patchdiff.training.faults import Faults
 from patchdiff.training.lock import RunLock
 from patchdiff.training.mfu import achieved, flops_by_crop
-from patchdiff.training.optim import isqrt_decay, make_adam
+from patchdiff.training.optim import lr_at, make_adam
 from patchdiff.training.posthoc_ema import PowerEMA, snapshot_name
 from patchdiff.training.setup import Setup, load_init_weights, new_run_dir
 from patchdiff.training.signals import RunInterruptedError, StopRequests, ignore_stop_signals, signal_name
-from patchdiff.training.stream import CropDataset, StreamSampler, clock, lr_factor, step_seed
+from patchdiff.training.stream import CropDataset, StreamSampler, clock, step_seed
 
 
 class NonFiniteLossError(RuntimeError):
@@ -80,15 +80,39 @@ class Run:
         train_step: Callable,
         compile: bool = False,
     ):
-        self.cfg, self.schedule, self.plan = cfg, schedule, plan = setup.cfg, setup.schedule, setup.plan
+        self.cfg, self.schedule, self.plan = setup.cfg, setup.schedule, setup.plan
         self.dev, self.progress, self.grid, self.rounds, self.stop = dev, progress, grid, setup.rounds, stop
         self.rank, self.world, self.main = dist.rank(), dist.world_size(), dist.is_main()
-        self.lock, state = setup.lock, setup.state
+        self.lock = setup.lock
         self.train_step = train_step  # training/loop.py's, passed in so that this module stays below it
 
+        self.build_networks(setup)
+        self.counters = dict(step=0, position=0, images=0, time_s=0.0, crops={}, steps_by_size={})
+        if setup.state is not None:
+            self.restore(setup)
+        # Progressive phases are fixed for the run's life, whatever a resumed command line says.
+        self.counters["phase_bounds"] = self.plan.phase_bounds
+        self.open_run(setup)
+        # Counted once per crop size (before DDP wraps the model): each tick's TFLOP/s costs no sync.
+        self.flops_by_size = flops_by_crop(self.denoiser, self.schedule, self.cfg.network.img_channels)
+        self.tick_flops = 0.0
+        self.wrap_network(compile)
+        self.batches = self.open_stream(setup)
+        self.model = Model(self.ema, self.cfg, dev)
+        self.metric_cache: dict = {}
+        self.faults = Faults(self.rank)
+        self.host_group = dist.host_group()
+        self.start_clocks()
+
+    # ------------------------------------------------------------------ set-up, in the order __init__ runs it
+
+    def build_networks(self, setup: Setup) -> None:
+        """The denoiser (the seed's initial weights, or --init-snapshot's), its EMA copies, Adam and the
+        fp16 gradient scaler."""
+        cfg, dev, new_run = self.cfg, self.dev, setup.state is None
         torch.manual_seed(cfg.seed)  # the same initial weights on every process and every run
-        self.denoiser = build_denoiser(cfg, pretrained=state is None).to(dev)  # a resumed run has its weights
-        if state is None and cfg.init_snapshot:
+        self.denoiser = build_denoiser(cfg, pretrained=new_run).to(dev)  # a resumed run has its weights
+        if new_run and cfg.init_snapshot:
             load_init_weights(self.denoiser, cfg.init_snapshot)  # fine-tuning starts from these weights
         if dev.type == "cuda":  # what cuDNN's fastest convolutions and bf16 tensor cores want
             self.denoiser = self.denoiser.to(memory_format=torch.channels_last)
@@ -96,24 +120,27 @@ class Run:
         self.phema = PowerEMA(self.denoiser, cfg.posthoc_ema) if cfg.posthoc_ema else None
         self.optimizer = make_adam(self.denoiser.parameters(), cfg.lr, dev)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=cfg.precision == "fp16")
-        self.counters = dict(step=0, position=0, images=0, time_s=0.0, crops={}, steps_by_size={})
-        if state is not None:
-            try:
-                self.denoiser.load_state_dict(state["denoiser"])
-                self.ema.load_state_dict(state["ema"])
-                self.optimizer.load_state_dict(state["optimizer"])
-                if state.get("scaler"):
-                    self.scaler.load_state_dict(state["scaler"])
-                if self.phema is not None:
-                    self.phema.load_state_dict(state.get("phema", {}))
-            except (RuntimeError, ValueError, KeyError) as error:
-                msg = str(error).strip().splitlines()[0][:200]
-                raise StateError(
-                    f"{setup.state_path} does not fit the network of its config ({msg})"
-                ) from None
-            self.counters = setup.counters
-        # Progressive phases are fixed for the run's life, whatever a resumed command line says.
-        self.counters["phase_bounds"] = plan.phase_bounds
+
+    def restore(self, setup: Setup) -> None:
+        """A resumed run's weights, optimiser and scaler states and counters, from its training state."""
+        state = setup.state
+        try:
+            self.denoiser.load_state_dict(state["denoiser"])
+            self.ema.load_state_dict(state["ema"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            if self.phema is not None:
+                self.phema.load_state_dict(state.get("phema", {}))
+        except (RuntimeError, ValueError, KeyError) as error:
+            msg = str(error).strip().splitlines()[0][:200]
+            raise StateError(f"{setup.state_path} does not fit the network of its config ({msg})") from None
+        self.counters = setup.counters
+
+    def open_run(self, setup: Setup) -> None:
+        """The run's folder, config.json, log (its first lines say what starts or resumes) and loggers; a
+        resumed run's stats.jsonl loses the records past its state."""
+        cfg, resumed = self.cfg, setup.state is not None
         self.run_dir = self.open_run_dir(setup)
         self.at_step = self.state_step = self.counters["step"]
         self.stats_path = self.run_dir / "stats.jsonl"
@@ -121,41 +148,47 @@ class Run:
         if self.main:
             atomic_write(self.run_dir / "config.json", lambda tmp: Path(tmp).write_text(to_json(cfg)))
         self.log(
-            f"{'resuming' if state else 'starting'} {self.run_dir} at step {self.at_step} on "
-            f"{self.world} x {dev}; {count_parameters(self.denoiser.net):,} parameters; crop sizes "
-            f"{schedule.sizes}; {plan.total_steps} steps of {plan.expected_images:.1f} images (expected)"
+            f"{'resuming' if resumed else 'starting'} {self.run_dir} at step {self.at_step} on "
+            f"{self.world} x {self.dev}; {count_parameters(self.denoiser.net):,} parameters; crop sizes "
+            f"{self.schedule.sizes}; {self.plan.total_steps} steps of {self.plan.expected_images:.1f} images "
+            "(expected)"
         )
         for change in setup.changes:
             self.log(f"resume: {change} (from the command line)")
         for note in setup.notes:
             self.log(f"resume: {note}")
-        if state is not None and self.main:
+        if resumed and self.main:
             dropped = truncate_stats(self.stats_path, self.at_step)
             if dropped:
                 self.log(
                     f"resume: dropped {dropped} stats.jsonl records past step {self.at_step} (lost work)"
                 )
-
         self.loggers = None  # tensorboard / wandb sinks of the stats records, rank 0 only
         if cfg.loggers:
-            self.open_loggers(state is None)
-        # Counted once per crop size (before DDP wraps the model): each tick's TFLOP/s costs no sync.
-        self.flops_by_size = flops_by_crop(self.denoiser, schedule, cfg.network.img_channels)
-        self.tick_flops = 0.0
+            self.open_loggers(not resumed)
+
+    def wrap_network(self, compile: bool) -> None:
+        """`self.ddp`, the denoiser the step calls: wrapped by DDP over several processes, compiled with
+        --compile (one static graph per crop size, a handful of sizes: each compiles on its first step)."""
         self.ddp = self.denoiser
         if self.world > 1:
             self.ddp = DistributedDataParallel(
-                self.denoiser, device_ids=[dev] if dev.type == "cuda" else None, broadcast_buffers=False
+                self.denoiser,
+                device_ids=[self.dev] if self.dev.type == "cuda" else None,
+                broadcast_buffers=False,
             )
-        # One static graph per crop size (a handful of sizes: each compiles once, on its first step).
         self.compile_s: dict[str, float] | None = None
         if compile:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
             self.ddp = torch.compile(self.ddp, dynamic=False)
             self.compile_s = {}
+
+    def open_stream(self, setup: Setup):
+        """The iterator of this process's accumulation rounds, from the resumed step and stream position."""
+        cfg = self.cfg
         sampler = StreamSampler(
             len(setup.dataset),
-            plan,
+            self.plan,
             setup.batch_gpu,
             self.rounds,
             self.rank,
@@ -169,20 +202,20 @@ class Run:
             CropDataset(setup.dataset),
             batch_sampler=sampler,
             num_workers=cfg.workers,
-            pin_memory=dev.type == "cuda",
+            pin_memory=self.dev.type == "cuda",
             persistent_workers=cfg.workers > 0,
             prefetch_factor=4 if cfg.workers > 0 else None,
             worker_init_fn=ignore_stop_signals,
         )
-        self.batches = iter(loader)
-        self.model = Model(self.ema, cfg, dev)
-        self.metric_cache: dict = {}
-        self.faults = Faults(self.rank)
-        self.host_group = dist.host_group()
-        # Device-side accumulators, read only at ticks and checkpoints: no host sync in the hot loop.
+        return iter(loader)
+
+    def start_clocks(self) -> None:
+        """The device-side accumulators (read only at ticks and checkpoints: no host sync in the hot
+        loop), the tick and checkpoint schedule from the current step, and the progress bar."""
+        cfg, plan, dev, sizes = self.cfg, self.plan, self.dev, self.schedule.sizes
         self.loss_sum = torch.zeros((), device=dev)
-        self.loss_by_size = torch.zeros(len(schedule.sizes), device=dev)  # summed per crop size in a tick
-        self.steps_by_index = [0] * len(schedule.sizes)
+        self.loss_by_size = torch.zeros(len(sizes), device=dev)  # summed per crop size in a tick
+        self.steps_by_index = [0] * len(sizes)
         self.bad_streak = torch.zeros((), device=dev)
         self.worst_streak = torch.zeros((), device=dev)
         self.ticks_done = 0
@@ -195,7 +228,7 @@ class Run:
             total=plan.total_steps,
             initial=self.at_step,
             unit="step",
-            disable=not (progress and self.main),
+            disable=not (self.progress and self.main),
             dynamic_ncols=True,
         )
 
@@ -296,11 +329,9 @@ class Run:
         crop = self.schedule.crop_shape(index)
         torch.manual_seed(step_seed(cfg.seed, self.rank, step))  # sigma, noise, latents, dropout of this step
         counted, counted_step = clock(plan, step, cfg.ema_unit, cfg.batch)  # images, or steps x --batch
-        factor = lr_factor(
-            counted, step, plan.total_steps, cfg.lr_rampup_kimg * 1000, cfg.lr_cooldown, cfg.lr_cooldown_shape
-        )
+        lr = lr_at(counted, step, plan.total_steps, cfg)
         for group in self.optimizer.param_groups:
-            group["lr"] = cfg.lr * factor * isqrt_decay(counted, cfg)
+            group["lr"] = lr
         rounds_data = (next(self.batches) for _ in range(self.rounds))
         size = str(self.schedule.sizes[index])
         first = self.compile_s is not None and size not in self.compile_s

@@ -360,65 +360,55 @@ def prepare(
     check_config(cfg)
     check_outdir(cfg.outdir)
     state_path = find_resume_state(resume, cfg.outdir) if resume else None
-    run_lock, error = None, None
-    if state_path is not None and lock and dist.is_main():
-        try:
-            run_lock = RunLock(state_path.parent).acquire()
-        except RunLockedError as e:
-            error = e
-    if lock:
-        dist.agree_on_error(error)
+    run_lock = _lock_resumed(state_path) if lock else None
     try:
-        state, counters, changes = None, None, []
-        if state_path is not None:
-            state, counters, cfg, changes = read_resumed(state_path, cfg, overrides)
-            check_config(cfg)
-            if cfg.augment > 0 and not cfg.network.augment_dim:
-                raise ValueError(
-                    f"--augment {cfg.augment}: the resumed run {state_path} was trained without it, so its "
-                    "network has no augmentation input; drop --augment or start a new run"
-                )
-        start = snapshot_network(cfg) if state is None and cfg.init_snapshot else None
-        if start is not None:  # fine-tuning: the snapshot's network, not the flags'
-            if cfg.augment > 0 and not start[0].augment_dim:
-                raise ValueError(
-                    f"--augment {cfg.augment}: the network of --init-snapshot {cfg.init_snapshot} has no "
-                    "augmentation input; drop --augment"
-                )
-            cfg = dataclasses.replace(
-                cfg, network=start[0], loss=dataclasses.replace(cfg.loss, sigma_data=start[1])
-            )
-        dataset = open_dataset(cfg.data, xflip=cfg.xflip, cache=cfg.cache)
-        if cfg.subset:
-            from patchdiff.data.subset import training_subset
-
-            dataset = training_subset(dataset, cfg.subset, cfg.subset_seed)
-        latent = resolve_latent(cfg, dataset)
-        if state_path is not None:
-            latent = keep_latent(cfg, latent, state_path)
-        cfg = resolve(latent, dataset)
-        if start is not None:
-            check_snapshot_fits(cfg, start[0])
-        schedule = resolve_schedule(cfg.patch, tuple(cfg.image_size), cfg.network.min_crop)
-        batch_gpu, rounds = batch_split(cfg, world)
-        if cfg.metrics:
-            from patchdiff.metrics import parse_metric_names
-
-            parse_metric_names(cfg.metrics)  # fail before training, not at the first snapshot
-        if cfg.loggers:
-            from patchdiff.training.loggers import check_loggers
-
-            check_loggers(cfg.loggers)  # a missing package: one line naming the extra, before any write
-        bounds = tuple(counters.get("phase_bounds", ())) if counters else ()
-        notes: list[str] = []
-        if bounds and schedule.kind == "progressive":
-            fresh = make_plan(cfg, schedule, batch_gpu, rounds, world).phase_bounds
-            bounds, notes = phases_on_resume(list(bounds), fresh, counters["step"], replan)
-        plan = make_plan(cfg, schedule, batch_gpu, rounds, world, bounds)
+        return _plan_run(cfg, state_path, world, overrides, replan, run_lock)
     except BaseException:
         if run_lock:
             run_lock.release()
         raise
+
+
+def _lock_resumed(state_path: Path | None) -> RunLock | None:
+    """Rank 0 locks the folder of the run to resume; every rank stops if it is locked."""
+    run_lock, error = None, None
+    if state_path is not None and dist.is_main():
+        try:
+            run_lock = RunLock(state_path.parent).acquire()
+        except RunLockedError as e:
+            error = e
+    dist.agree_on_error(error)
+    return run_lock
+
+
+def _plan_run(
+    cfg: TrainConfig, state_path: Path | None, world: int, overrides, replan: bool, run_lock: RunLock | None
+) -> Setup:
+    """The Setup: the resumed state and config, the fine-tuning start, the data set, the crop sizes, the
+    batch split and the step plan."""
+    state, counters, changes = None, None, []
+    if state_path is not None:
+        state, counters, cfg, changes = read_resumed(state_path, cfg, overrides)
+        _check_resumed(cfg, state_path)
+    start = snapshot_network(cfg) if state is None and cfg.init_snapshot else None
+    if start is not None:  # fine-tuning: the snapshot's network, not the flags'
+        cfg = _fine_tuned(cfg, *start)
+    dataset = _training_set(cfg)
+    latent = resolve_latent(cfg, dataset)
+    if state_path is not None:
+        latent = keep_latent(cfg, latent, state_path)
+    cfg = resolve(latent, dataset)
+    if start is not None:
+        check_snapshot_fits(cfg, start[0])
+    schedule = resolve_schedule(cfg.patch, tuple(cfg.image_size), cfg.network.min_crop)
+    batch_gpu, rounds = batch_split(cfg, world)
+    _check_extras(cfg)
+    bounds = tuple(counters.get("phase_bounds", ())) if counters else ()
+    notes: list[str] = []
+    if bounds and schedule.kind == "progressive":
+        fresh = make_plan(cfg, schedule, batch_gpu, rounds, world).phase_bounds
+        bounds, notes = phases_on_resume(list(bounds), fresh, counters["step"], replan)
+    plan = make_plan(cfg, schedule, batch_gpu, rounds, world, bounds)
     return Setup(
         cfg,
         dataset,
@@ -433,3 +423,47 @@ def prepare(
         run_lock,
         tuple(notes),
     )
+
+
+def _check_resumed(cfg: TrainConfig, state_path: Path) -> None:
+    """The resumed config (the saved one with the command line's changes) as a new one is checked."""
+    check_config(cfg)
+    if cfg.augment > 0 and not cfg.network.augment_dim:
+        raise ValueError(
+            f"--augment {cfg.augment}: the resumed run {state_path} was trained without it, so its "
+            "network has no augmentation input; drop --augment or start a new run"
+        )
+
+
+def _fine_tuned(cfg: TrainConfig, network, sigma_data: float) -> TrainConfig:
+    """The config of a run that starts from --init-snapshot: that snapshot's network and sigma_data."""
+    if cfg.augment > 0 and not network.augment_dim:
+        raise ValueError(
+            f"--augment {cfg.augment}: the network of --init-snapshot {cfg.init_snapshot} has no "
+            "augmentation input; drop --augment"
+        )
+    return dataclasses.replace(
+        cfg, network=network, loss=dataclasses.replace(cfg.loss, sigma_data=sigma_data)
+    )
+
+
+def _training_set(cfg: TrainConfig):
+    """The data set of --data (latent or images), or its --subset."""
+    dataset = open_dataset(cfg.data, xflip=cfg.xflip, cache=cfg.cache)
+    if cfg.subset:
+        from patchdiff.data.subset import training_subset
+
+        dataset = training_subset(dataset, cfg.subset, cfg.subset_seed)
+    return dataset
+
+
+def _check_extras(cfg: TrainConfig) -> None:
+    """--metrics and --logger are checked before training, not at the first snapshot or record."""
+    if cfg.metrics:
+        from patchdiff.metrics import parse_metric_names
+
+        parse_metric_names(cfg.metrics)
+    if cfg.loggers:
+        from patchdiff.training.loggers import check_loggers
+
+        check_loggers(cfg.loggers)  # a missing package: one line naming the extra, before any write
