@@ -7,7 +7,8 @@ import pytest
 from tests.conftest import TINY_TRAIN_FLAGS
 
 from patchdiff.cli import main
-from patchdiff.config import SETTING_FLAGS, TrainConfig, from_dict, setting
+from patchdiff.config import TrainConfig, from_dict
+from patchdiff.config_flags import SETTING_FLAGS, setting
 from patchdiff.training.flags import config_from_argv, default_precision, train_parser
 
 

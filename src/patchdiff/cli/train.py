@@ -7,7 +7,7 @@ import errno
 import os
 import sys
 
-from patchdiff.config import float_list  # noqa: F401 (cli/fid.py and cli/ema.py import it from here)
+from patchdiff.config_flags import float_list  # noqa: F401 (cli/fid.py and cli/ema.py import it from here)
 from patchdiff.training.flags import add_train_flags, config_from_flags, given_fields
 
 
@@ -18,7 +18,7 @@ def add_parser(subparsers) -> None:
         description="Train an EDM denoiser patch-wise (Patch Diffusion). "
         "Run under torchrun for several GPUs or nodes.",
     )
-    add_train_flags(p)  # from config.TRAIN_FLAGS: each setting's flag, help and check next to its field
+    add_train_flags(p)  # from config_flags.TRAIN_FLAGS: each setting's flag, help and check next to its field
     p.set_defaults(func=run)
 
 

@@ -1,4 +1,4 @@
-"""`patchdiff train`'s command line as a library: the parser built from config.TRAIN_FLAGS, and flags ->
+"""`patchdiff train`'s command line as a library: the parser built from config_flags.TRAIN_FLAGS, and flags ->
 (TrainConfig, the settings given explicitly), resolved against the data set as a dry run resolves it.
 `patchdiff train` runs what it gives; `patchdiff compare` plans its studies with it."""
 
@@ -11,20 +11,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from patchdiff import distributed as dist
-from patchdiff.config import (
-    SETTING_FLAGS,
-    TRAIN_FLAGS,
-    Flag,
-    LatentConfig,
-    LossConfig,
-    PatchConfig,
-    TrainConfig,
-    arch_defaults,
-    float_list,
-    int_list,
-    network_preset,
-    str_list,
-)
+from patchdiff.config import LatentConfig, LossConfig, PatchConfig, TrainConfig, arch_defaults, network_preset
+from patchdiff.config_flags import SETTING_FLAGS, TRAIN_FLAGS, Flag, float_list, int_list, str_list
 from patchdiff.presets import TRAIN_PRESETS, add_preset_flag
 from patchdiff.training.loggers import parse_logger_names
 

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from patchdiff import distributed as dist
-from patchdiff.config import TrainConfig, check_settings, from_json
+from patchdiff.config import TrainConfig, from_json
+from patchdiff.config_flags import check_settings
 from patchdiff.data import ImageDataset, open_dataset
 from patchdiff.data.latents import resolve_latent
 from patchdiff.patching import PatchSchedule, resolve_schedule
@@ -49,7 +50,7 @@ FIXED_ON_RESUME += ("loss.weighting", "posthoc_ema")  # learned u(sigma) weights
 
 def check_config(cfg: TrainConfig) -> None:
     """Values that would silently train on nonsense (a NaN learning rate, zero steps) are refused."""
-    check_settings(cfg)  # each flag's own check (config.TRAIN_FLAGS)
+    check_settings(cfg)  # each flag's own check (config_flags.TRAIN_FLAGS)
     if cfg.ema_unit not in ("images", "steps"):
         raise ValueError(f"--ema-unit {cfg.ema_unit!r}: choose images or steps")
     if cfg.max_bad_steps < 1:

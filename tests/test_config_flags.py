@@ -1,18 +1,11 @@
-"""config.py: the `patchdiff train` flag of each setting (TRAIN_FLAGS), their checks, the arch presets."""
+"""config_flags.py: the `patchdiff train` flag of each setting (TRAIN_FLAGS), their checks; config.arch_defaults."""
 
 import dataclasses
 
 import pytest
 
-from patchdiff.config import (
-    SETTING_FLAGS,
-    TRAIN_FLAGS,
-    TrainConfig,
-    arch_defaults,
-    check_settings,
-    int_list,
-    setting,
-)
+from patchdiff.config import TrainConfig, arch_defaults
+from patchdiff.config_flags import SETTING_FLAGS, TRAIN_FLAGS, check_settings, int_list, setting
 
 
 def test_every_flag_is_named_once_and_every_setting_flag_names_a_field():
