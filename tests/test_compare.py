@@ -254,6 +254,7 @@ def test_planning_resolves_the_flags_in_process(tmp_path, landscapes, tiny_detec
     monkeypatch.setattr(study_module.subprocess, "run", no_process)
     monkeypatch.setattr(study_module.subprocess, "Popen", no_process)
     study = load_study(write_study(tmp_path / "study.json", landscapes, tiny_detector))
+    (tmp_path / "out" / "runs").mkdir(parents=True)  # as run_study makes it
     plan = study_module.plan_study(study, tmp_path / "out")
     assert plan["full"]["kimg"] == pytest.approx(0.1) and plan["patch"]["kimg"] > 0.1
     bad = dict(name="bad", flags=["--arch", "foo"])
@@ -263,4 +264,4 @@ def test_planning_resolves_the_flags_in_process(tmp_path, landscapes, tiny_detec
     with pytest.raises(
         ValueError, match="configuration 'bad': `patchdiff train` rejects its flags: argument --arch"
     ):
-        study_module.plan_study(study, tmp_path / "bad")
+        study_module.plan_study(study, tmp_path / "out")
