@@ -241,3 +241,27 @@ def test_loss_by_sigma_scores_a_vp_model_as_it_is_trained():
     y = torch.zeros(64, 1, 8, 8)
     losses = loss_by_sigma(D, y, (0.5, 5.0), batch=64)
     assert losses == pytest.approx([1.0, 1.0], rel=0.05)
+
+
+def test_planning_resolves_the_flags_in_process(tmp_path, landscapes, tiny_detector, monkeypatch):
+    """plan_study resolves each configuration with the library (training/flags.py), as `patchdiff train
+    --dry-run` would, without starting a process; a configuration with bad flags is named."""
+    from patchdiff.compare import study as study_module
+
+    def no_process(*args, **kwargs):
+        raise AssertionError("planning started a process")
+
+    monkeypatch.setattr(study_module.subprocess, "run", no_process)
+    monkeypatch.setattr(study_module.subprocess, "Popen", no_process)
+    study = load_study(write_study(tmp_path / "study.json", landscapes, tiny_detector))
+    (tmp_path / "out" / "runs").mkdir(parents=True)  # as run_study makes it
+    plan = study_module.plan_study(study, tmp_path / "out")
+    assert plan["full"]["kimg"] == pytest.approx(0.1) and plan["patch"]["kimg"] > 0.1
+    bad = dict(name="bad", flags=["--arch", "foo"])
+    study = load_study(
+        write_study(tmp_path / "bad.json", landscapes, tiny_detector, configs=[bad], budget_of="bad")
+    )
+    with pytest.raises(
+        ValueError, match="configuration 'bad': `patchdiff train` rejects its flags: argument --arch"
+    ):
+        study_module.plan_study(study, tmp_path / "out")

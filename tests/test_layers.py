@@ -13,7 +13,7 @@ ROOT = Path(patchdiff.__file__).parent
 
 # Low -> high; a name is a top-level module or subpackage of patchdiff.
 LAYERS = (
-    ("ground", {"config", "files", "snapshot", "presets", "distributed"}),
+    ("ground", {"config", "config_flags", "files", "snapshot", "presets", "distributed"}),
     (
         "math",
         {

@@ -90,7 +90,8 @@ def unet_levels(unet_config: str) -> int:
     return len(json.loads(unet_config)["block_out_channels"])
 
 
-# DiT sizes (Peebles & Xie 2023, Table 1): depth, width, heads.
+# DiT sizes (Peebles & Xie 2023, Table 1): depth, width, heads; DIT_SIZE when none is named.
+DIT_SIZE = "S"
 DIT_SIZES: dict[str, tuple[int, int, int]] = {
     "S": (12, 384, 6),
     "B": (12, 768, 12),
@@ -100,7 +101,9 @@ DIT_SIZES: dict[str, tuple[int, int, int]] = {
 
 
 # EDM2 sizes (Karras et al. 2024, Table 2 widths; 3 blocks per level, channels 1,2,3,4 x base, attention
-# at 16 and 8), and a tiny one for a CPU: model_channels, channel_mult, num_blocks, attn_resolutions.
+# at 16 and 8), and a tiny one for a CPU: model_channels, channel_mult, num_blocks, attn_resolutions;
+# EDM2_SIZE when none is named.
+EDM2_SIZE = "XS"
 EDM2_SIZES: dict[str, tuple[int, tuple[int, ...], int, tuple[int, ...]]] = {
     "XS": (128, (1, 2, 3, 4), 3, (16, 8)),
     "S": (192, (1, 2, 3, 4), 3, (16, 8)),
@@ -123,16 +126,16 @@ def network_preset(
     elif arch == "adm":
         base = dict(model_channels=192, channel_mult=(1, 2, 3, 4), num_blocks=3, attn_resolutions=(32, 16, 8))
     elif arch == "dit":
-        if (dit_size or "S") not in DIT_SIZES:
+        if (dit_size or DIT_SIZE) not in DIT_SIZES:
             raise ValueError(f"unknown --dit-size {dit_size!r}; choose one of {', '.join(DIT_SIZES)}")
-        depth, width, heads = DIT_SIZES[dit_size or "S"]
+        depth, width, heads = DIT_SIZES[dit_size or DIT_SIZE]
         base = dict(depth=depth, width=width, heads=heads, dit_patch=2, dropout=0.0)
     elif arch == "diffusers-unet":
         base = dict(model_channels=128, channel_mult=(1, 2, 2, 2), num_blocks=2, attn_resolutions=(16,))
     elif arch == "edm2":
-        if (edm2_size or "XS") not in EDM2_SIZES:
+        if (edm2_size or EDM2_SIZE) not in EDM2_SIZES:
             raise ValueError(f"unknown --edm2-size {edm2_size!r}; choose one of {', '.join(EDM2_SIZES)}")
-        mc, mult, blocks, attn = EDM2_SIZES[edm2_size or "XS"]
+        mc, mult, blocks, attn = EDM2_SIZES[edm2_size or EDM2_SIZE]
         base = dict(
             model_channels=mc, channel_mult=mult, num_blocks=blocks, attn_resolutions=attn, dropout=0.0
         )
@@ -251,6 +254,15 @@ class TrainConfig:
     lr_schedule: Literal["rampup", "isqrt"] = "rampup"
     lr_ref_kimg: float = 0.0
     posthoc_ema: tuple[float, ...] = ()
+
+
+def arch_defaults(arch: str) -> dict[str, Any]:
+    """Training settings (field paths) whose default depends on the backbone: with --arch edm2, EDM2's
+    own dynamics (Karras et al. 2024): lr_ref of XS (Table 5), the inverse square-root schedule, the
+    learned loss weighting and post-hoc EMA profiles. The network's own presets are network_preset's."""
+    if arch == "edm2":
+        return {"lr": 0.012, "lr_schedule": "isqrt", "loss.weighting": "learned", "posthoc_ema": (0.05, 0.10)}
+    return {}
 
 
 # --------------------------------------------------------------------------- JSON round trip

@@ -4,8 +4,8 @@ import pytest
 import torch
 from tests.conftest import tiny_config
 
-from patchdiff.cli.train import default_precision
 from patchdiff.config import PatchConfig
+from patchdiff.training.flags import default_precision
 from patchdiff.training.loop import train
 
 

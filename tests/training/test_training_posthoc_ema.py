@@ -191,7 +191,7 @@ def test_ema_command_reconstructs_snapshots(landscapes, tmp_path, capsys):
 
 def test_lr_schedule_and_cli_defaults(landscapes, tmp_path):
     from patchdiff.cli import build_parser
-    from patchdiff.cli.train import config_from_args
+    from patchdiff.training.flags import config_from_flags
     from patchdiff.training.optim import lr_at
 
     cfg = dataclasses.replace(edm2_config(landscapes, tmp_path), lr=0.01, lr_rampup_kimg=1.0, lr_ref_kimg=4.0)
@@ -204,7 +204,7 @@ def test_lr_schedule_and_cli_defaults(landscapes, tmp_path):
     assert lr_at(4 * 70_000 * 10, 0, 1, default_ref) == pytest.approx(0.005)  # t_ref = 70k steps
 
     base = ["train", "--data", str(landscapes), "--outdir", str(tmp_path)]
-    edm2 = config_from_args(build_parser().parse_args([*base, "--arch", "edm2", "--edm2-size", "tiny"]))
+    edm2 = config_from_flags(build_parser().parse_args([*base, "--arch", "edm2", "--edm2-size", "tiny"]))
     assert (edm2.loss.weighting, edm2.lr_schedule, edm2.posthoc_ema, edm2.lr) == (
         "learned",
         "isqrt",
@@ -212,7 +212,7 @@ def test_lr_schedule_and_cli_defaults(landscapes, tmp_path):
         0.012,
     )
     assert edm2.network.model_channels == 32 and edm2.network.dropout == 0.0
-    ddpm = config_from_args(build_parser().parse_args(base))
+    ddpm = config_from_flags(build_parser().parse_args(base))
     assert (ddpm.loss.weighting, ddpm.lr_schedule, ddpm.posthoc_ema, ddpm.lr) == ("edm", "rampup", (), 10e-4)
     flags = [
         "--loss-weighting",
@@ -224,7 +224,7 @@ def test_lr_schedule_and_cli_defaults(landscapes, tmp_path):
         "--posthoc-ema",
         "0.1",
     ]
-    other = config_from_args(build_parser().parse_args([*base, *flags]))
+    other = config_from_flags(build_parser().parse_args([*base, *flags]))
     assert (other.loss.weighting, other.lr_schedule, other.lr_ref_kimg, other.posthoc_ema) == (
         "learned",
         "isqrt",

@@ -42,6 +42,7 @@ from patchdiff.config import TrainConfig, from_dict
 from patchdiff.files import atomic_write_text
 from patchdiff.flops import crop_phase_flops_per_image, fixed_kimg_for_budget, kimg_for_budget, training_flops
 from patchdiff.training.checkpoint import state_in
+from patchdiff.training.flags import config_from_argv
 
 # Flags the runner sets itself; a study may not set them.
 RUNNER_FLAGS = (
@@ -174,17 +175,18 @@ def train_command(study: StudyConfig, run: StudyRun) -> list[str]:
 
 
 def resolved_config(study: StudyConfig, run: StudyRun, workdir: Path) -> TrainConfig:
-    """The configuration as training will resolve it (image size, channels from the data): the
-    output of `patchdiff train --dry-run` with this run's flags."""
-    cmd = [sys.executable, "-m", "patchdiff", "train", "--data", study.data, *study.base_flags, *run.flags]
-    cmd += ["--outdir", str(workdir), "--dry-run", "--device", "cpu"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        message = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
-        raise ValueError(f"configuration {run.name!r}: `patchdiff train` rejects its flags: {message}")
-    text = proc.stdout
-    config, _ = json.JSONDecoder().raw_decode(text[text.index("{") :])
-    return from_dict(TrainConfig, config)
+    """The configuration as training will resolve it (image size, channels from the data), as
+    `patchdiff train --dry-run` resolves this run's flags."""
+    argv = ["--data", study.data, *study.base_flags, *run.flags, "--outdir", str(workdir), "--device", "cpu"]
+    try:
+        cfg, _ = config_from_argv(argv)
+    except (ValueError, RuntimeError, OSError) as error:
+        system = isinstance(error, OSError) and error.strerror  # "path: reason", as `patchdiff train` says it
+        reason = f"{error.filename or 'a file'}: {error.strerror}" if system else " ".join(str(error).split())
+        raise ValueError(
+            f"configuration {run.name!r}: `patchdiff train` rejects its flags: {reason}"
+        ) from None
+    return cfg
 
 
 def plan_study(study: StudyConfig, outdir: Path) -> dict[str, dict]:

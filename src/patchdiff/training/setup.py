@@ -14,6 +14,7 @@ from typing import Any
 
 from patchdiff import distributed as dist
 from patchdiff.config import TrainConfig, from_json
+from patchdiff.config_flags import check_settings
 from patchdiff.data import ImageDataset, open_dataset
 from patchdiff.data.latents import resolve_latent
 from patchdiff.patching import PatchSchedule, StepPlan, resolve_schedule
@@ -27,20 +28,6 @@ from patchdiff.training.checkpoint import (
 from patchdiff.training.lock import RunLock, RunLockedError
 from patchdiff.training.posthoc_ema import MAX_SIGMA_REL
 
-# Flags whose value must be finite and positive (or >= 0), checked before anything is written.
-POSITIVE = (("--duration", "duration_kimg"), ("--lr", "lr"), ("--tick", "tick_kimg"), ("--batch", "batch"))
-NON_NEGATIVE = (
-    ("--batch-gpu", "batch_gpu"),
-    ("--workers", "workers"),
-    ("--snap", "snap_ticks"),
-    ("--lr-rampup", "lr_rampup_kimg"),
-    ("--ema", "ema_halflife_kimg"),
-    ("--ema-rampup", "ema_rampup_ratio"),
-    ("--grad-clip", "grad_clip"),
-    ("--checkpoint", "checkpoint_kimg"),
-    ("--checkpoint-minutes", "checkpoint_minutes"),
-    ("--lr-ref-kimg", "lr_ref_kimg"),
-)
 # A resumed run's network must match its saved weights.
 FIXED_ON_RESUME = ("network.arch", "network.model_channels", "network.channel_mult", "network.num_blocks")
 FIXED_ON_RESUME += ("network.attn_resolutions", "cond", "patch.coords", "network.depth", "network.width")
@@ -62,13 +49,7 @@ FIXED_ON_RESUME += ("loss.weighting", "posthoc_ema")  # learned u(sigma) weights
 
 def check_config(cfg: TrainConfig) -> None:
     """Values that would silently train on nonsense (a NaN learning rate, zero steps) are refused."""
-    for flag, name in POSITIVE + NON_NEGATIVE:
-        value = getattr(cfg, name)
-        if not math.isfinite(value) or value < 0 or (value == 0 and (flag, name) in POSITIVE):
-            need = "a finite number > 0" if (flag, name) in POSITIVE else "a finite number >= 0"
-            raise ValueError(f"{flag} {value}: must be {need}")
-    if not (math.isfinite(cfg.lr_cooldown) and 0.0 <= cfg.lr_cooldown <= 1.0):
-        raise ValueError(f"--lr-cooldown {cfg.lr_cooldown}: must be a share of the run in [0, 1]")
+    check_settings(cfg)  # each flag's own check (config_flags.TRAIN_FLAGS)
     if cfg.ema_unit not in ("images", "steps"):
         raise ValueError(f"--ema-unit {cfg.ema_unit!r}: choose images or steps")
     if cfg.max_bad_steps < 1:
