@@ -491,6 +491,9 @@ def test_ctrl_c_signal_to_the_command(tmp_path):
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            # A shell's background job inherits SIGINT ignored, and Python then installs no Ctrl-C handler:
+            # give the command the disposition a terminal's Ctrl-C meets.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         deadline = time.monotonic() + 60
         while not any((tmp_path / "out").glob("d.zip.tmp-*")) and proc.poll() is None:
