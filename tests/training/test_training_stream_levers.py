@@ -10,7 +10,8 @@ from patchdiff.config import PatchConfig
 from patchdiff.flops import fixed_kimg_for_budget, schedule_flops_per_image
 from patchdiff.patching import StepPlan, default_sizes, resolve_schedule
 from patchdiff.training import loop
-from patchdiff.training.stream import clock, lr_factor
+from patchdiff.training.optim import lr_factor
+from patchdiff.training.stream import clock
 
 
 def fixed_plan(duration_nimg: float, crop_kimg: float = 2.0, batch: int = 8) -> StepPlan:

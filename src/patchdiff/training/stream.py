@@ -15,7 +15,6 @@ and only crops are collated, pinned and copied to the device, where `train_step`
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import numpy as np
@@ -135,21 +134,6 @@ def clock(plan: StepPlan, step: int, unit: str, batch: int) -> tuple[float, floa
         raise ValueError(f"--ema-unit {unit!r}: choose images or steps")
     nimg = plan.nimg(step)
     return nimg, plan.nimg(step + 1) - nimg
-
-
-def lr_factor(
-    counted: float, step: int, total_steps: int, rampup_nimg: float, cooldown: float, shape: str = "linear"
-) -> float:
-    """The learning rate's multiplier at `step`: a linear warm-up over `rampup_nimg` counted images
-    (`clock`), then 1, then (--lr-cooldown F) a decay to 0 over the last share F of the steps, linear or
-    cosine (masked-training recipes end this way)."""
-    factor = min(counted / max(rampup_nimg, 1e-8), 1.0)
-    if cooldown > 0:
-        left = (total_steps - step) / (cooldown * total_steps)  # 1 where the cool-down starts, 0 at the end
-        if left < 1:
-            left = max(left, 0.0)
-            factor *= left if shape == "linear" else 0.5 * (1 - math.cos(math.pi * left))
-    return factor
 
 
 class StreamSampler(torch.utils.data.Sampler):
