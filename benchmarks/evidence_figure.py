@@ -3,7 +3,7 @@
 A study scores its runs at a few points of one budget; the budget study of docs/evidence.md needs
 runs of several studies on one axis (e.g. a 3x run scored at 1x, 2x, 3x and a separate 10x run). Each
 `--series LABEL=DIR[,DIR...]` names configuration folders (`OUT/runs/NAME`, holding `result.json`);
-every FID the runs logged is placed at its counted FLOPs (kimg x FLOPs per image), and the points of
+every FID the runs logged is placed at the run's cumulative counted FLOPs (logged with it), and the points of
 a series are joined in order of compute.
 
     python benchmarks/evidence_figure.py --out budget.png --budget 1.4494e13 \\
@@ -20,6 +20,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 from matplotlib.figure import Figure
 
 from patchdiff.files import atomic_write_bytes
@@ -38,9 +39,13 @@ def points(config_dir: Path) -> list[tuple[float, float, float, float]]:
     stats = read_stats(config_dir / Path(result["run_dir"]).name)
     fid, kid = metric_series(stats, "fid"), metric_series(stats, "kid")
     kids = dict(zip(kid.kimg.tolist(), kid.value.tolist(), strict=True))
+    # The run's cumulative counted FLOPs where logged: a progressive run's early kimg are cheap crops,
+    # so kimg x its average FLOPs per image would misplace its intermediate points.
+    estimate = fid.kimg * 1000 * result["flops_per_image"]
+    flops = estimate if fid.flops is None else np.where(np.isfinite(fid.flops), fid.flops, estimate)
     return [
-        (k, k * 1000 * result["flops_per_image"], f, kids.get(k, math.nan))
-        for k, f in zip(fid.kimg.tolist(), fid.value.tolist(), strict=True)
+        (k, x, f, kids.get(k, math.nan))
+        for k, x, f in zip(fid.kimg.tolist(), flops.tolist(), fid.value.tolist(), strict=True)
     ]
 
 
