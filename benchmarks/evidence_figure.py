@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget", type=float, required=True, help="FLOPs of 1x, the x axis unit")
     parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
     parser.add_argument("--title", default="FID against training compute")
+    parser.add_argument("--ylabel", default="FID (1,000 samples)", help="say how many samples the FIDs used")
     args = parser.parse_args(argv)
 
     fig = Figure(figsize=(6, 4), layout="constrained")
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         ax.plot([x for x, _ in found], [y for _, y in found], "o-", ms=4, color=f"C{i}", label=label)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set(xlabel="training compute [x budget]", ylabel="FID (1,000 samples)", title=args.title)
+    ax.set(xlabel="training compute [x budget]", ylabel=args.ylabel, title=args.title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
     atomic_write_bytes(args.out, png_bytes(fig, 100))
