@@ -265,3 +265,27 @@ def test_planning_resolves_the_flags_in_process(tmp_path, landscapes, tiny_detec
         ValueError, match="configuration 'bad': `patchdiff train` rejects its flags: argument --arch"
     ):
         study_module.plan_study(study, tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "name", ["study-small.json", "study-5k.json", "study-s1-3x-prog.json", "study-mincrop-3x.json"]
+)
+def test_the_study_files_of_docs_evidence_load(tmp_path, name):
+    # docs/studies/ holds the study files docs/evidence.md cites; they must stay loadable as the format
+    # and the training flags evolve. Their data sets are placeholders here (only their existence is checked).
+    from pathlib import Path
+
+    from patchdiff.training.flags import config_from_argv
+
+    source = Path(__file__).resolve().parents[1] / "docs" / "studies" / name
+    data = json.loads(source.read_text())
+    for key in ("data", "heldout", "metric_ref", "detector"):
+        if data.get(key):
+            (tmp_path / data[key]).write_bytes(b"")
+    (tmp_path / name).write_text(source.read_text())
+    study = load_study(tmp_path / name)
+    assert study.budget_flops > 0 and study.configs
+    for run in study.configs:
+        argv = ["--data", study.data, "--outdir", str(tmp_path / "runs"), *study.base_flags, *run.flags]
+        cfg, _ = config_from_argv(argv, resolve=False)
+        assert cfg.seed in (0, 1)
