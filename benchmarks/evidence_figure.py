@@ -10,12 +10,17 @@ a series are joined in order of compute.
         --series "whole images=out-study-long/runs/full,out-study-10x/runs/full" \\
         --series "patch=out-study-long/runs/patch,out-study-10x/runs/patch"
 
+`--table FILE.csv` adds series from recorded numbers (columns `label,compute,fid`, compute in units of
+the budget), for runs whose folders are gone or that were scored elsewhere; rows of one label form one
+series.
+
 Prints every point it plots (label, run folder, kimg, budget multiple, FID, KID).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 from pathlib import Path
@@ -49,16 +54,35 @@ def points(config_dir: Path) -> list[tuple[float, float, float, float]]:
     ]
 
 
+def table_series(path: Path) -> dict[str, list[tuple[float, float]]]:
+    """{label: [(compute in budget units, FID), ...]} from a CSV with columns label, compute, fid."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or not {"label", "compute", "fid"} <= set(reader.fieldnames):
+            raise SystemExit(f"{path}: needs the columns label, compute, fid (found {reader.fieldnames})")
+        for line, row in enumerate(reader, start=2):
+            try:
+                point = (float(row["compute"]), float(row["fid"]))
+            except (TypeError, ValueError):
+                raise SystemExit(f"{path}, line {line}: compute and fid must be numbers, got {row}") from None
+            series.setdefault(row["label"], []).append(point)
+    return series
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--series", action="append", required=True, metavar="LABEL=DIR[,DIR...]")
+    parser.add_argument("--series", action="append", default=[], metavar="LABEL=DIR[,DIR...]")
+    parser.add_argument("--table", type=Path, help="CSV of recorded points: label, compute, fid")
     parser.add_argument("--budget", type=float, required=True, help="FLOPs of 1x, the x axis unit")
     parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
     parser.add_argument("--title", default="FID against training compute")
     parser.add_argument("--ylabel", default="FID (1,000 samples)", help="say how many samples the FIDs used")
     args = parser.parse_args(argv)
+    if not args.series and not args.table:
+        parser.error("give --series, --table or both")
 
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.add_subplot()
@@ -73,6 +97,12 @@ def main(argv: list[str] | None = None) -> None:
                     f"{label:>14s}  {d:<40s} kimg {kimg:8.2f}  {flops / args.budget:5.2f}x  FID {fid:7.2f}  KID {kid:.4f}"
                 )
                 found.append((flops / args.budget, fid))
+        found.sort()
+        ax.plot([x for x, _ in found], [y for _, y in found], "o-", ms=4, color=f"C{i}", label=label)
+    tables = table_series(args.table) if args.table else {}
+    for i, (label, found) in enumerate(tables.items(), start=len(args.series)):
+        for x, fid in found:
+            print(f"{label:>14s}  {args.table!s:<40s} {'':14s} {x:5.2f}x  FID {fid:7.2f}")
         found.sort()
         ax.plot([x for x, _ in found], [y for _, y in found], "o-", ms=4, color=f"C{i}", label=label)
     ax.set_xscale("log")

@@ -62,3 +62,29 @@ def test_main_writes_a_png(tmp_path, capsys):
     load_script().main(["--out", str(out), "--budget", "1e12", "--series", f"progressive={config_dir}"])
     assert out.read_bytes()[:4] == b"\x89PNG"
     assert " 2.00x  FID   90.00" in capsys.readouterr().out
+
+
+def test_table_series_from_recorded_numbers(tmp_path, capsys):
+    table = tmp_path / "points.csv"
+    table.write_text('label,compute,fid\n"whole, seed 0",3,83.5\n"whole, seed 0",1,161.8\nfixed,3,82.8\n')
+    module = load_script()
+    assert module.table_series(table) == {
+        "whole, seed 0": [(3.0, 83.5), (1.0, 161.8)],
+        "fixed": [(3.0, 82.8)],
+    }
+    out = tmp_path / "figure.png"
+    module.main(["--out", str(out), "--budget", "1e12", "--table", str(table)])
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert " 3.00x  FID   82.80" in capsys.readouterr().out
+
+
+def test_table_errors_name_the_file_and_line(tmp_path):
+    table = tmp_path / "points.csv"
+    table.write_text("label,budget,fid\nwhole,1,160\n")
+    with pytest.raises(SystemExit, match="needs the columns label, compute, fid"):
+        load_script().table_series(table)
+    table.write_text("label,compute,fid\nwhole,1,n/a\n")
+    with pytest.raises(SystemExit, match="line 2: compute and fid must be numbers"):
+        load_script().table_series(table)
+    with pytest.raises(SystemExit):
+        load_script().main(["--out", str(tmp_path / "f.png"), "--budget", "1e12"])  # neither source
