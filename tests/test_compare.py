@@ -268,7 +268,14 @@ def test_planning_resolves_the_flags_in_process(tmp_path, landscapes, tiny_detec
 
 
 @pytest.mark.parametrize(
-    "name", ["study-small.json", "study-5k.json", "study-s1-3x-prog.json", "study-mincrop-3x.json"]
+    "name",
+    [
+        "study-small.json",
+        "study-small-seed1.json",
+        "study-5k.json",
+        "study-s1-3x-prog.json",
+        "study-mincrop-3x.json",
+    ],
 )
 def test_the_study_files_of_docs_evidence_load(tmp_path, name):
     # docs/studies/ holds the study files docs/evidence.md cites; they must stay loadable as the format
