@@ -142,3 +142,22 @@ def test_vp_training_noise_is_at_the_networks_timesteps_and_v_keeps_edms_weight(
     sigma_t = D.round_sigma(drawn).reshape(-1, 1, 1, 1)
     assert not torch.equal(sigma_t.reshape(-1), drawn)
     assert torch.allclose(seen[0], sigma_t * n / (1 + sigma_t**2).sqrt(), rtol=1e-5, atol=1e-6)
+
+
+def test_the_mask_keeps_the_margin_out_of_the_loss():
+    """--crop-margin: pixels outside the mask do not count, whatever the denoiser does there; the loss is
+    the mean over the counted pixels."""
+    y = torch.randn(4, 3, 8, 8)
+    mask = torch.zeros(4, 1, 8, 8)
+    mask[:, :, 2:6, 2:6] = 1
+    wrong_outside = lambda x, s, c, l: y + 100 * (1 - mask)  # noqa: E731
+    assert edm_loss(wrong_outside, y, mask=mask).item() == 0.0
+    assert edm_loss(wrong_outside, y).item() > 0
+    # The mean over counted pixels: an error of 1 on the central 4x4 gives lambda-weighted 1 per pixel,
+    # the same as an error of 1 everywhere without a mask.
+    off_by_one = lambda x, s, c, l: y + 1  # noqa: E731
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    masked = edm_loss(off_by_one, y, mask=mask, generator=gen())
+    assert torch.allclose(masked, edm_loss(off_by_one, y, generator=gen()))
+    with pytest.raises(ValueError, match="--crop-margin needs the loss scaling 'mean'"):
+        edm_loss(off_by_one, y, cfg=LossConfig(scaling="published"), mask=mask, full_hw=(16, 16))

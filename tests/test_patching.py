@@ -12,6 +12,7 @@ from patchdiff.patching import (
     crop_coords,
     crop_phase_mean,
     expected_images,
+    loss_mask,
     mean_per_image,
     resolve_schedule,
     shared_uniform,
@@ -262,3 +263,25 @@ def test_the_readme_crop_plan_snippet_runs():
         == plan.schedule.crop_shape(plan.size_index(step))
     )
     assert len(scope["patches"]) == plan.images_per_step[plan.size_index(step)]
+
+
+def test_loss_mask_leaves_out_the_margin_inside_the_image():
+    # Windows of 8 rows in a 16-row image, margin 2: at the top edge the image's border rows count.
+    top = torch.tensor([0, 4, 8])
+    left = torch.tensor([4, 0, 8])
+    mask = loss_mask(top, left, (8, 8), (16, 16), 2)
+    assert mask.shape == (3, 1, 8, 8) and set(mask.unique().tolist()) <= {0.0, 1.0}
+    rows = mask[:, 0].amax(dim=2)  # [N, 8]: which rows count
+    cols = mask[:, 0].amax(dim=1)
+    assert rows[0].tolist() == [1, 1, 1, 1, 1, 1, 0, 0]  # top edge: its own border rows count
+    assert rows[1].tolist() == [0, 0, 1, 1, 1, 1, 0, 0]  # interior: only the central 4 rows
+    assert rows[2].tolist() == [0, 0, 1, 1, 1, 1, 1, 1]  # bottom edge
+    assert cols[0].tolist() == [0, 0, 1, 1, 1, 1, 0, 0] and cols[1].tolist() == [1, 1, 1, 1, 1, 1, 0, 0]
+    assert torch.equal(mask[:, 0], rows[:, :, None] * cols[:, None, :])  # the product of the axes
+    # Every pixel of the image is scored at some offset; margin 0 scores everything.
+    offsets = torch.arange(9)
+    covered = torch.zeros(16)
+    for t, m in zip(offsets, loss_mask(offsets, offsets, (8, 8), (16, 16), 2)[:, 0].amax(dim=2), strict=True):
+        covered[t : t + 8] += m
+    assert (covered > 0).all()
+    assert loss_mask(top, left, (8, 8), (16, 16), 0).eq(1).all()

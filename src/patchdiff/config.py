@@ -180,6 +180,7 @@ class PatchConfig:
         0.0  # fixed: the crop phases span this many kimg whatever the duration; then whole images
     )
     min_crop: int = 0  # default sizes below this many pixels are left out (their share goes to the next size)
+    margin: int = 0  # context around each crop: the network sees it, the loss ignores it (patching.loss_mask)
 
 
 @dataclass(frozen=True)

@@ -187,6 +187,15 @@ TRAIN_FLAGS: tuple[tuple[str, tuple[Flag, ...]], ...] = (
                 "leave out the default R/4 crops when R/4 is below this many pixels (e.g. 16: sizes R/2,R at "
                 "R=32; 0 = the paper's sizes)",
             ),
+            flag(
+                "--crop-margin",
+                "patch.margin",
+                "cut each crop with M more pixels of context on every side that lies inside the image: the "
+                "network sees them, the loss ignores them (so a crop has no zero-padded border where the "
+                "image has content); whole images are unchanged (0 = off)",
+                check=non_negative,
+                metavar="M",
+            ),
             flag("--real-p", "patch.real_p", "probability (share) of full-size images"),
             flag("--patch-sizes", "patch.sizes", "crop sizes, default R/4,R/2,R"),
             flag("--patch-probs", "patch.probs", "their probabilities (sum to 1)"),

@@ -87,13 +87,18 @@ def edm_loss(
     full_hw: tuple[int, int] | None = None,
     band: tuple[float, float] | None = None,
     augment_labels: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The scalar loss for clean crops y [N, C, h, w] (in [-1, 1] or latent units) with their coords.
 
     `full_hw` is the (H, W) of the full image the crops come from; only the "published" scaling uses it.
     `band`: draw sigma from these quantiles of its distribution (noise-banded crops, patching.noise_band).
-    `augment_labels`: the crops' augmentation labels [N, augment_dim] (--augment), or None."""
+    `augment_labels`: the crops' augmentation labels [N, augment_dim] (--augment), or None.
+    `mask`: [N, 1, h, w], the pixels the loss counts (--crop-margin, patching.loss_mask), or None for all;
+    the loss is then the mean over the counted pixels and channels."""
     cfg = cfg or LossConfig()
+    if mask is not None and cfg.scaling != "mean":
+        raise ValueError("--crop-margin needs the loss scaling 'mean' (the published scaling has no margin)")
     scale = crop_scale((y.shape[2], y.shape[3]), full_hw, cfg.scaling)
     if band is None:
         sigma = sample_sigma(y.shape[0], cfg.P_mean, cfg.P_std, y.device, generator)
@@ -108,7 +113,14 @@ def edm_loss(
     if cfg.weighting == "learned":  # EDM2's learned log-variance weighting (loss_weighting.py)
         D, u = denoiser(y + n, sigma.reshape(-1), coords, class_labels, return_logvar=True, **extra)
         weight = getattr(inner, "loss_weight", loss_weight)(sigma, cfg.sigma_data)
-        return logvar_loss(weight * (D - y) ** 2, u).mean() * scale
+        return masked_mean(logvar_loss(weight * (D - y) ** 2, u), mask) * scale
     D = denoiser(y + n, sigma.reshape(-1), coords, class_labels, **extra)
     weight = getattr(inner, "loss_weight", loss_weight)(sigma, cfg.sigma_data)
-    return (weight * (D - y) ** 2).mean() * scale
+    return masked_mean(weight * (D - y) ** 2, mask) * scale
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The mean of values [N, C, h, w] over the pixels where mask [N, 1, h, w] is 1 (all of them if None)."""
+    if mask is None:
+        return values.mean()
+    return (values * mask).sum() / (mask.sum() * values.shape[1])

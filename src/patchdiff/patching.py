@@ -14,6 +14,7 @@ coordinates in every crop. Channel 0 is x, channel 1 is y.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -122,12 +123,18 @@ class PatchSchedule:
     coords: bool = True
     finish_full: float = 0.0  # stochastic: the last share of the images is trained on whole images
     crop_kimg: float = 0.0  # fixed: length of the crop phases in kimg (then whole images)
+    margin: int = 0  # --crop-margin: context pixels on each side of a crop (`loss_mask`)
 
     def crop_shape(self, index: int) -> tuple[int, int]:
-        """The full-size entry covers the whole (possibly rectangular) image."""
+        """The shape the network sees at size `index`: the crop with its context margin on each side
+        (at most the image's shorter side); the full-size entry covers the whole (possibly rectangular)
+        image."""
         H, W = self.image_size
         size = self.sizes[index]
-        return (H, W) if size >= min(H, W) else (size, size)
+        if size >= min(H, W):
+            return (H, W)
+        window = min(size + 2 * self.margin, min(H, W))
+        return (window, window)
 
     def draw(self, seed: int, step: int) -> int:
         """The crop size (index) of a step of the stochastic schedule: size i with probability probs[i],
@@ -227,6 +234,8 @@ def resolve_schedule(cfg: PatchConfig, image_size: tuple[int, int], min_crop: in
         raise ValueError(f"--patch-schedule fixed needs crop sizes below the full size; got {sizes}")
     if list(sizes) != sorted(sizes):
         raise ValueError(f"patch sizes {sizes} must be in increasing order")
+    if cfg.margin < 0:
+        raise ValueError(f"--crop-margin {cfg.margin} must be >= 0 pixels")
     for s in sizes:
         if not 0 < s <= R:
             raise ValueError(f"patch size {s} must lie in 1..{R} for {H}x{W} images")
@@ -235,16 +244,60 @@ def resolve_schedule(cfg: PatchConfig, image_size: tuple[int, int], min_crop: in
                 f"patch size {s} is not a multiple of {min_crop}, which the network's down-sampling "
                 f"needs; pick sizes that are, or fewer --cres levels"
             )
+        window = min(s + 2 * cfg.margin, R)
+        if s < R and window < R and window % min_crop:
+            raise ValueError(
+                f"--crop-margin {cfg.margin}: patch size {s} with its margin on both sides is {window} pixels, "
+                f"not a multiple of {min_crop}, which the network's down-sampling needs; pick a margin of "
+                f"a multiple of {min_crop // math.gcd(min_crop, 2)}"
+            )
+    schedule = PatchSchedule(  # batch_mult follows from the windows: filled in below
+        cfg.schedule,
+        (H, W),
+        sizes,
+        probs,
+        (1.0,) * len(sizes),
+        coords=cfg.coords,
+        finish_full=cfg.finish_full,
+        crop_kimg=cfg.crop_kimg,
+        margin=cfg.margin,
+    )
     if cfg.batch_mult:
         batch_mult = tuple(cfg.batch_mult)
-    else:  # R/P for square images; in general sqrt(frame pixels / crop pixels), the whole frame 1
-        shapes = [(H, W) if s >= R else (s, s) for s in sizes]
-        batch_mult = tuple(default_batch_mult((H, W), shape) for shape in shapes)
+    else:  # R/P for square images (P with its margin); in general sqrt(frame pixels / window pixels)
+        batch_mult = tuple(default_batch_mult((H, W), schedule.crop_shape(i)) for i in range(len(sizes)))
     if len(batch_mult) != len(sizes) or any(m <= 0 for m in batch_mult):
         raise ValueError(f"batch multipliers {batch_mult} must be positive, one per patch size {sizes}")
-    return PatchSchedule(
-        cfg.schedule, (H, W), sizes, probs, batch_mult, cfg.coords, cfg.finish_full, cfg.crop_kimg
-    )
+    return dataclasses.replace(schedule, batch_mult=batch_mult)
+
+
+def loss_mask(
+    top: torch.Tensor,
+    left: torch.Tensor,
+    window: tuple[int, int],
+    full: tuple[int, int],
+    margin: int,
+    device=None,
+) -> torch.Tensor:
+    """The pixels a crop's loss counts, [N, 1, h, w] (1 or 0), for windows of shape `window` = (h, w) at
+    offsets (top, left: int64 [N]) in images of shape `full` = (H, W), cut with --crop-margin `margin`.
+
+    The loss leaves out `margin` pixels along each side of the window that lies inside the image: the
+    network sees them as context, so the pixels it is scored on have real neighbours, not the zero
+    padding at a crop's border. A side on the image's own border keeps its pixels (the whole image has
+    zero padding there too), so every pixel of the image can be scored. Whole images: all ones."""
+    (h, w), (H, W) = window, full
+    device = top.device if device is None else device
+    top, left = top.to(device, non_blocking=True), left.to(device, non_blocking=True)
+
+    def keep(start: torch.Tensor, n: int, total: int) -> torch.Tensor:  # [N, n] booleans along one axis
+        i = torch.arange(n, device=device)
+        first = (i >= margin) | (start[:, None] == 0)
+        last = (i < n - margin) | (start[:, None] + n >= total)
+        return first & last
+
+    rows, cols = keep(top, h, H), keep(left, w, W)
+    return (rows[:, :, None] & cols[:, None, :]).unsqueeze(1).float()
 
 
 def default_batch_mult(frame: tuple[int, int], crop: tuple[int, int]) -> float:

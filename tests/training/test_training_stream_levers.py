@@ -91,3 +91,55 @@ def test_a_fixed_run_with_cool_down_and_steps_clock_trains(landscapes, tmp_path)
     # 8 steps, the last 4 cooling down: the last step (7) runs at (8 - 7) / 4 of the learning rate.
     total = sum(ticks[-1]["steps_by_size"].values())
     assert total == 8 and ticks[-1]["lr"] == pytest.approx(cfg.lr * 0.25)
+
+
+def test_crop_margin_windows_multipliers_and_errors():
+    plain = resolve_schedule(PatchConfig(), (32, 32), min_crop=4)
+    margin = resolve_schedule(PatchConfig(margin=4), (32, 32), min_crop=4)
+    assert margin.sizes == plain.sizes == (8, 16, 32)
+    # The network sees each crop with 4 more pixels on every side, never more than the image.
+    assert [margin.crop_shape(i) for i in range(3)] == [(16, 16), (24, 24), (32, 32)]
+    assert [plain.crop_shape(i) for i in range(3)] == [(8, 8), (16, 16), (32, 32)]
+    # Images per base image follow the windows, so a step holds the same pixels at every size.
+    assert margin.batch_mult == pytest.approx((2.0, 32 / 24, 1.0))
+    assert resolve_schedule(PatchConfig(margin=12), (32, 32), min_crop=4).crop_shape(1) == (32, 32)
+    with pytest.raises(ValueError, match=r"--crop-margin 1: patch size 8 .* 10 pixels, not a multiple of 4"):
+        resolve_schedule(PatchConfig(margin=1), (32, 32), min_crop=4)
+    with pytest.raises(ValueError, match="--crop-margin -1"):
+        resolve_schedule(PatchConfig(margin=-1), (32, 32))
+
+
+def test_a_run_with_a_crop_margin_scores_only_the_crops(landscapes, tmp_path, monkeypatch):
+    """--crop-margin through the CLI's config: the loss gets windows of crop + 2 margin pixels and a mask
+    that leaves out the margin inside the image; FLOPs are counted at the windows' size."""
+    from tests.conftest import tiny_config
+
+    from patchdiff.loss import edm_loss
+    from patchdiff.training.flags import config_from_argv
+
+    seen = []
+
+    def recording_loss(*args, mask=None, **kwargs):
+        seen.append((tuple(args[1].shape[-2:]), mask))
+        return edm_loss(*args, mask=mask, **kwargs)
+
+    monkeypatch.setattr(loop, "edm_loss", recording_loss)
+    patch = PatchConfig(schedule="progressive", margin=2)
+    cfg = tiny_config(str(landscapes), str(tmp_path), patch=patch, duration_kimg=0.1)
+    run = loop.train(cfg, progress=False, grid=0)
+    assert "crop sizes (4, 8, 16) seen in windows (8, 12, 16)" in (run / "log.txt").read_text()
+    shapes = {shape for shape, _ in seen}
+    assert shapes == {(8, 8), (12, 12), (16, 16)}
+    for shape, mask in seen:
+        if shape == (16, 16):
+            assert mask is None  # whole images: every pixel counts
+        else:
+            # Between the crop's own pixels (h - 4 per axis, more on the image's border) and the window.
+            share = mask.mean().item()
+            assert ((shape[0] - 4) / shape[0]) ** 2 <= share < 1
+    ticks = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    assert json.loads((run / "config.json").read_text())["patch"]["margin"] == 2
+    assert [r for r in ticks if r["kind"] == "tick"]
+    # The flag reaches the config.
+    args = ["--data", str(landscapes), "--outdir", str(tmp_path), "--crop-margin", "3"]
+    assert config_from_argv(args, resolve=False)[0].patch.margin == 3

@@ -26,7 +26,7 @@ from patchdiff.latent import prepare_batch
 from patchdiff.loss import edm_loss
 from patchdiff.networks import count_parameters
 from patchdiff.networks.edm2 import renormalize_weights_
-from patchdiff.patching import crop_coords
+from patchdiff.patching import crop_coords, loss_mask
 from patchdiff.training.run import Run
 from patchdiff.training.setup import prepare
 from patchdiff.training.signals import StopRequests
@@ -72,6 +72,13 @@ def train_step(
         y = prepare_batch(data, dev, cfg)  # pixels to [-1, 1], or a fresh latent sample of the crops
         # The coordinates follow from the offsets and the full image's size: nothing else crosses over.
         coords = crop_coords(top, left, crop, cfg.image_size, dev) if cfg.patch.coords else None
+        # --crop-margin: the window's context pixels inside the image are seen, not scored.
+        whole = tuple(crop) == tuple(cfg.image_size)
+        mask = (
+            None
+            if whole or not cfg.patch.margin
+            else loss_mask(top, left, crop, cfg.image_size, cfg.patch.margin, dev)
+        )
         label_dim = cfg.network.label_dim
         # One-hot on the host: on CUDA, one_hot would check the label range with a device sync.
         onehot = F.one_hot(labels, label_dim).float().to(dev, non_blocking=True) if label_dim else None
@@ -86,6 +93,7 @@ def train_step(
                     cfg.loss,
                     full_hw=cfg.image_size,
                     band=band,
+                    mask=mask,
                     **({} if augment is None else dict(augment_labels=augment.to(dev, non_blocking=True))),
                 )
             scaler.scale(loss / rounds).backward()

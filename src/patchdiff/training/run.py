@@ -147,10 +147,16 @@ class Run:
         self.log_file = open(self.run_dir / "log.txt", "a") if self.main else None  # noqa: SIM115 (kept open)
         if self.main:
             atomic_write(self.run_dir / "config.json", lambda tmp: Path(tmp).write_text(to_json(cfg)))
+        sched = self.schedule
+        windows = (
+            f" seen in windows {tuple(sched.crop_shape(i)[0] for i in range(len(sched.sizes)))}"
+            if sched.margin
+            else ""
+        )
         self.log(
             f"{'resuming' if resumed else 'starting'} {self.run_dir} at step {self.at_step} on "
             f"{self.world} x {self.dev}; {count_parameters(self.denoiser.net):,} parameters; crop sizes "
-            f"{self.schedule.sizes}; {self.plan.total_steps} steps of {self.plan.expected_images:.1f} images "
+            f"{self.schedule.sizes}{windows}; {self.plan.total_steps} steps of {self.plan.expected_images:.1f} images "
             "(expected)"
         )
         for change in setup.changes:

@@ -38,6 +38,7 @@ FIXED_ON_RESUME += ("network.augment_dim", "subset", "subset_seed")
 # from step 0: changed on resume, they would recount the steps already taken.
 COUNTED_ON_RESUME = ("batch", "seed", "patch.schedule", "patch.sizes", "patch.probs", "patch.batch_mult")
 COUNTED_ON_RESUME += (
+    "patch.margin",
     "patch.real_p",
     "patch.latent",
     "patch.finish_full",
