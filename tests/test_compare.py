@@ -275,6 +275,11 @@ def test_planning_resolves_the_flags_in_process(tmp_path, landscapes, tiny_detec
         "study-5k.json",
         "study-s1-3x-prog.json",
         "study-mincrop-3x.json",
+        "study-10x.json",
+        "study-margin-1x.json",
+        "study-margin-3x.json",
+        "study-margin-10x.json",
+        "study-cool-3x.json",
     ],
 )
 def test_the_study_files_of_docs_evidence_load(tmp_path, name):
@@ -287,9 +292,10 @@ def test_the_study_files_of_docs_evidence_load(tmp_path, name):
     source = Path(__file__).resolve().parents[1] / "docs" / "studies" / name
     data = json.loads(source.read_text())
     for key in ("data", "heldout", "metric_ref", "detector"):
-        if data.get(key):
-            (tmp_path / data[key]).write_bytes(b"")
-    (tmp_path / name).write_text(source.read_text())
+        if data.get(key):  # an empty placeholder in tmp_path, never at the file's own (maybe absolute) path
+            data[key] = str(tmp_path / f"{key}-{Path(data[key]).name}")
+            Path(data[key]).write_bytes(b"")
+    (tmp_path / name).write_text(json.dumps(data))
     study = load_study(tmp_path / name)
     assert study.budget_flops > 0 and study.configs
     for run in study.configs:
