@@ -329,3 +329,25 @@ def test_finish_full_ends_training_on_whole_images(landscapes, tmp_path, monkeyp
     # Half of the 150 images come last, on 16x16 (whole) images of 8 a step: at least 9 steps.
     first_whole_tail = max(i for i, s in enumerate(sizes) if s != 16) + 1
     assert len(sizes) - first_whole_tail >= 9 and {4, 8} & set(sizes[:first_whole_tail])
+
+
+def test_a_finished_run_whose_metrics_failed_is_scored_on_resume(landscapes, tiny_detector, tmp_path):
+    """Scoring fails at the end of a run (here: a broken --detector); resuming the finished run, as
+    `patchdiff compare` does, scores its last snapshot instead of reporting it done without numbers."""
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"")
+    common = dict(metrics=("fid",), metric_num=4, duration_kimg=0.05)
+    cfg = tiny_config(str(landscapes), str(tmp_path / "runs"), detector=str(broken), **common)
+    with pytest.raises(RuntimeError, match="not a TorchScript archive"):
+        loop.train(cfg, progress=False, grid=0)
+    run = next((tmp_path / "runs").iterdir())
+    assert not [r for r in read_jsonl(run / "stats.jsonl") if r["kind"] == "metrics"]
+    fixed = tiny_config(str(landscapes), str(tmp_path / "runs"), detector=tiny_detector, **common)
+    assert loop.train(fixed, resume=str(run), progress=False, grid=0, overrides={"detector"}) == run
+    (record,) = [r for r in read_jsonl(run / "stats.jsonl") if r["kind"] == "metrics"]
+    last = [r for r in read_jsonl(run / "stats.jsonl") if r["kind"] == "tick"][-1]
+    assert record["step"] == last["step"] and math.isfinite(record["fid"])
+    assert "has no metrics: scoring it now" in (run / "log.txt").read_text()
+    # Resumed again, it has its numbers and scores nothing twice.
+    loop.train(fixed, resume=str(run), progress=False, grid=0, overrides={"detector"})
+    assert len([r for r in read_jsonl(run / "stats.jsonl") if r["kind"] == "metrics"]) == 1

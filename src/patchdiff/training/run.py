@@ -7,6 +7,7 @@ and clock-driven checkpoints (`requests()`); at each tick the losses and non-fin
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -302,6 +303,8 @@ class Run:
     # ------------------------------------------------------------------ the loop
 
     def loop(self) -> None:
+        if self.at_step >= self.plan.total_steps:
+            self.score_finished_run()
         while self.at_step < self.plan.total_steps:
             self.step()
             done = self.at_step >= self.plan.total_steps
@@ -538,6 +541,29 @@ class Run:
         if self.cfg.metrics:
             self.evaluate_metrics()
         dist.barrier()
+
+    def score_finished_run(self) -> None:
+        """A finished run resumed (as `patchdiff compare` does after a failure) whose last snapshot has
+        no metrics record, because scoring failed (a missing or broken --detector): score its EMA now,
+        rather than report it done without the numbers it was run for."""
+        if not self.cfg.metrics:
+            return
+        missing = 0
+        if self.main:
+            lines = self.stats_path.read_text().splitlines() if self.stats_path.is_file() else []
+            scored = set()
+            for line in lines:
+                with contextlib.suppress(ValueError):  # a line cut short by a crash
+                    record = json.loads(line)
+                    if record.get("kind") == "metrics":
+                        scored.add(record.get("step"))
+            missing = int(self.at_step not in scored)
+        if self.world > 1:
+            missing = int(dist.all_reduce_max(torch.tensor([missing]), self.host_group)[0])
+        if missing:
+            self.log(f"the run is finished, but step {self.at_step} has no metrics: scoring it now")
+            self.evaluate_metrics()
+            dist.barrier()
 
     def evaluate_metrics(self) -> None:
         from patchdiff.metrics import compute_metrics
