@@ -93,7 +93,7 @@ def train_step(
                     cfg.loss,
                     full_hw=cfg.image_size,
                     band=band,
-                    mask=mask,
+                    **({} if mask is None else dict(mask=mask)),
                     **({} if augment is None else dict(augment_labels=augment.to(dev, non_blocking=True))),
                 )
             scaler.scale(loss / rounds).backward()
