@@ -76,7 +76,7 @@ def test_a_killed_worker_resumes_when_the_same_command_runs_again(landscapes, tm
     assert "starting" in log and f"resuming {run} at step {checkpointed} on 2 x cpu" in log
     counters = json.loads(load_state(run / "state.pt")["counters"])
     total = counters["step"]
-    assert total == sum(counters["steps_by_size"].values()) and f"; {total} steps of" in log
+    assert total == sum(counters["steps_by_size"].values()) and f"; {total} steps, " in log
     # Both ranks cropped every step at the same size (the shared per-step RNG), across the restart too.
     rank0, rank1 = read_sizes(tmp_path / "sizes-0.txt"), read_sizes(tmp_path / "sizes-1.txt")
     assert rank0 == rank1 and sorted(rank0) == list(range(total)) and len(set(rank0.values())) > 1

@@ -262,6 +262,11 @@ def test_schedules_precisions_and_the_no_coords_ablation(landscapes, tmp_path, s
     if schedule == "progressive":
         # 0.15 kimg: the first 20% of images at 4x4 (32 images a step), then 8x8 (16 a step), ...
         assert 4 in sizes and last["steps_by_size"]["4"] == -(-30 // 32)
+        # The log's step count and mean images per step are the run's (not the whole-image batch).
+        steps = sum(last["steps_by_size"].values())
+        assert (
+            f"; {steps} steps, {150 / steps:.1f} images per step on average" in (run / "log.txt").read_text()
+        )
     saved = json.loads((run / "config.json").read_text())
     assert saved["network"]["coord_channels"] == (2 if coords else 0) and saved["precision"] == precision
 

@@ -148,7 +148,7 @@ class Run:
         self.log_file = open(self.run_dir / "log.txt", "a") if self.main else None  # noqa: SIM115 (kept open)
         if self.main:
             atomic_write(self.run_dir / "config.json", lambda tmp: Path(tmp).write_text(to_json(cfg)))
-        sched = self.schedule
+        sched, plan = self.schedule, self.plan
         windows = (
             f" seen in windows {tuple(sched.crop_shape(i)[0] for i in range(len(sched.sizes)))}"
             if sched.margin
@@ -157,8 +157,8 @@ class Run:
         self.log(
             f"{'resuming' if resumed else 'starting'} {self.run_dir} at step {self.at_step} on "
             f"{self.world} x {self.dev}; {count_parameters(self.denoiser.net):,} parameters; crop sizes "
-            f"{self.schedule.sizes}{windows}; {self.plan.total_steps} steps of {self.plan.expected_images:.1f} images "
-            "(expected)"
+            f"{self.schedule.sizes}{windows}; {plan.total_steps} steps, {plan.duration_nimg / max(plan.total_steps, 1):.1f} "
+            "images per step on average"  # phased schedules load more, smaller images in their crop phases
         )
         for change in setup.changes:
             self.log(f"resume: {change} (from the command line)")
