@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from tests.conftest import TINY_TRAIN_FLAGS
@@ -267,29 +268,16 @@ def test_planning_resolves_the_flags_in_process(tmp_path, landscapes, tiny_detec
         study_module.plan_study(study, tmp_path / "out")
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "study-small.json",
-        "study-small-seed1.json",
-        "study-5k.json",
-        "study-s1-3x-prog.json",
-        "study-mincrop-3x.json",
-        "study-10x.json",
-        "study-margin-1x.json",
-        "study-margin-3x.json",
-        "study-margin-10x.json",
-        "study-cool-3x.json",
-    ],
-)
+STUDY_FILES = Path(__file__).resolve().parents[1] / "docs" / "studies"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in STUDY_FILES.glob("study-*.json")))
 def test_the_study_files_of_docs_evidence_load(tmp_path, name):
     # docs/studies/ holds the study files docs/evidence.md cites; they must stay loadable as the format
     # and the training flags evolve. Their data sets are placeholders here (only their existence is checked).
-    from pathlib import Path
-
     from patchdiff.training.flags import config_from_argv
 
-    source = Path(__file__).resolve().parents[1] / "docs" / "studies" / name
+    source = STUDY_FILES / name
     data = json.loads(source.read_text())
     for key in ("data", "heldout", "metric_ref", "detector"):
         if data.get(key):  # an empty placeholder in tmp_path, never at the file's own (maybe absolute) path
