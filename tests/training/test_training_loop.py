@@ -117,7 +117,7 @@ def test_non_finite_loss_stops_with_the_last_good_state_intact(landscapes, tmp_p
     run = loop.train(tiny_config(str(landscapes), str(tmp_path), duration_kimg=0.1), progress=False, grid=0)
     before = (run / "state.pt").read_bytes()
 
-    def nan_loss(denoiser, y, coords=None, labels=None, cfg=None, generator=None, full_hw=None, band=None):
+    def nan_loss(denoiser, y, coords=None, labels=None, cfg=None, generator=None, **_):
         return denoiser(y, torch.ones(y.shape[0]), coords, labels).mean() * float("nan")
 
     monkeypatch.setattr(loop, "edm_loss", nan_loss)
@@ -145,7 +145,7 @@ def test_config_errors_name_the_flag(landscapes, tmp_path):
 def test_gradient_accumulation_matches_one_big_batch(landscapes, monkeypatch):
     """Two rounds of 4 images give the gradient of one round of 8 (with a noise-free loss)."""
 
-    def deterministic_loss(denoiser, y, coords=None, labels=None, cfg=None, full_hw=None, band=None):
+    def deterministic_loss(denoiser, y, coords=None, labels=None, cfg=None, **_):
         return ((denoiser(y, torch.ones(y.shape[0]), coords, labels) - y) ** 2).mean()
 
     monkeypatch.setattr(loop, "edm_loss", deterministic_loss)

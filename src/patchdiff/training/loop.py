@@ -93,8 +93,8 @@ def train_step(
                     cfg.loss,
                     full_hw=cfg.image_size,
                     band=band,
-                    **({} if mask is None else dict(mask=mask)),
-                    **({} if augment is None else dict(augment_labels=augment.to(dev, non_blocking=True))),
+                    augment_labels=None if augment is None else augment.to(dev, non_blocking=True),
+                    mask=mask,
                 )
             scaler.scale(loss / rounds).backward()
         loss_sum += loss.detach() / rounds

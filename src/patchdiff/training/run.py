@@ -7,7 +7,6 @@ and clock-driven checkpoints (`requests()`); at each tick the losses and non-fin
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
@@ -157,7 +156,7 @@ class Run:
         self.log(
             f"{'resuming' if resumed else 'starting'} {self.run_dir} at step {self.at_step} on "
             f"{self.world} x {self.dev}; {count_parameters(self.denoiser.net):,} parameters; crop sizes "
-            f"{self.schedule.sizes}{windows}; {plan.total_steps} steps, {plan.duration_nimg / max(plan.total_steps, 1):.1f} "
+            f"{sched.sizes}{windows}; {plan.total_steps} steps, {plan.duration_nimg / max(plan.total_steps, 1):.1f} "
             "images per step on average"  # phased schedules load more, smaller images in their crop phases
         )
         for change in setup.changes:
@@ -546,17 +545,14 @@ class Run:
         """A finished run resumed (as `patchdiff compare` does after a failure) whose last snapshot has
         no metrics record, because scoring failed (a missing or broken --detector): score its EMA now,
         rather than report it done without the numbers it was run for."""
+        from patchdiff.report.series import parse_stats  # here: the report package loads matplotlib
+
         if not self.cfg.metrics:
             return
         missing = 0
         if self.main:
-            lines = self.stats_path.read_text().splitlines() if self.stats_path.is_file() else []
-            scored = set()
-            for line in lines:
-                with contextlib.suppress(ValueError):  # a line cut short by a crash
-                    record = json.loads(line)
-                    if record.get("kind") == "metrics":
-                        scored.add(record.get("step"))
+            text = self.stats_path.read_text() if self.stats_path.is_file() else ""
+            scored = {r.get("step") for r in parse_stats(text)[0] if r.get("kind") == "metrics"}
             missing = int(self.at_step not in scored)
         if self.world > 1:
             missing = int(dist.all_reduce_max(torch.tensor([missing]), self.host_group)[0])
