@@ -545,14 +545,12 @@ class Run:
         """A finished run resumed (as `patchdiff compare` does after a failure) whose last snapshot has
         no metrics record, because scoring failed (a missing or broken --detector): score its EMA now,
         rather than report it done without the numbers it was run for."""
-        from patchdiff.report.series import parse_stats  # here: the report package loads matplotlib
-
         if not self.cfg.metrics:
             return
         missing = 0
-        if self.main:
-            text = self.stats_path.read_text() if self.stats_path.is_file() else ""
-            scored = {r.get("step") for r in parse_stats(text)[0] if r.get("kind") == "metrics"}
+        if self.main:  # truncate_stats dropped torn lines on resume, so every line parses
+            lines = self.stats_path.read_text().splitlines() if self.stats_path.is_file() else []
+            scored = {r.get("step") for r in map(json.loads, lines) if r.get("kind") == "metrics"}
             missing = int(self.at_step not in scored)
         if self.world > 1:
             missing = int(dist.all_reduce_max(torch.tensor([missing]), self.host_group)[0])
